@@ -1,0 +1,110 @@
+"""evaluate: accuracy, per-class precision/recall/F1 and the confusion matrix on the untouched val split,
+for the PyTorch checkpoint and for the ONNX model under ONNX Runtime.
+"""
+import argparse
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from stages import presets  # noqa: E402
+from stages.config import atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
+from stages.export import predict_onnx, session  # noqa: E402
+from stages.prepare import read_manifest  # noqa: E402
+from stages.train import load_model, loader, predict  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    batch_size: int = 32
+
+
+def scores(pred, labels, classes):
+    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix (rows: truth)."""
+    k = len(classes)
+    cm = torch.zeros(k, k, dtype=torch.long)
+    for t, p in zip(labels.tolist(), pred.tolist()):
+        cm[t, p] += 1
+    per_class = {}
+    for i, c in enumerate(classes):
+        tp, col, row = cm[i, i].item(), cm[:, i].sum().item(), cm[i].sum().item()
+        prec, rec = (tp / col if col else 0.0), (tp / row if row else 0.0)
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per_class[c] = {"precision": round(prec, 4), "recall": round(rec, 4), "f1": round(f1, 4), "support": row}
+    return {"accuracy": round(cm.diag().sum().item() / max(1, cm.sum().item()), 4),
+            "macro_f1": round(sum(v["f1"] for v in per_class.values()) / k, 4),
+            "per_class": per_class, "confusion": cm.tolist()}
+
+
+def plot_confusion(cm, classes, title, path):
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(classes), 1.6 + 0.6 * len(classes)))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in zip([(i, j) for i in range(len(classes)) for j in range(len(classes))], sum(cm, [])):
+        ax.text(j, i, v, ha="center", va="center", color="black" if v < max(sum(cm, [])) / 2 else "white")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def summary(m, classes):
+    lines = [f"val images: {m['val_images']}",
+             f"accuracy  PyTorch {m['pytorch']['accuracy']:.4f}   ONNX Runtime {m['onnx']['accuracy']:.4f}   "
+             f"(top-1 agreement {m['onnx_agreement']:.4f})",
+             f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for c in classes:
+        v = m["pytorch"]["per_class"][c]
+        lines.append(f"{c:<20}{v['precision']:>10.4f}{v['recall']:>10.4f}{v['f1']:>10.4f}{v['support']:>10}")
+    return "\n".join(lines) + "\n"
+
+
+def run(checkpoint, onnx_path, manifest, out_dir, p, device="cpu"):
+    """Score both models on val; write metrics.json, predictions.csv, confusion.png and summary.txt."""
+    model, classes, pp = load_model(checkpoint)
+    rows, _ = read_manifest(manifest, {"val"})
+    batches = loader(rows, classes, presets.eval_transform(pp), p.batch_size)
+    torch_logits, labels = predict(model.to(device), batches, device, "evaluate: PyTorch")
+    onnx_logits, _ = predict_onnx(session(onnx_path), batches)
+    tp, op = torch_logits.argmax(1), onnx_logits.argmax(1)
+    metrics = {"val_images": len(rows), "pytorch": scores(tp, labels, classes),
+               "onnx": scores(op, labels, classes), "onnx_agreement": round((tp == op).float().mean().item(), 4)}
+    out = Path(out_dir)
+    atomic_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    probs = torch_logits.softmax(1)
+
+    def write_predictions(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "actual", "predicted", "onnx_predicted", "confidence"])
+            for r, t, o, pr in zip(rows, tp.tolist(), op.tolist(), probs):
+                w.writerow([r["path"], r["label"], classes[t], classes[o], round(pr.max().item(), 4)])
+
+    atomic_write(out / "predictions.csv", write_predictions)
+    plot_confusion(metrics["pytorch"]["confusion"], classes,
+                   f"val accuracy {metrics['pytorch']['accuracy']:.3f}", out / "confusion.png")
+    wrong = [f"  {r['path']}: {r['label']} taken for {classes[t]}" for r, t in zip(rows, tp.tolist())
+             if classes[t] != r["label"]]
+    text = summary(metrics, classes) + (f"misclassified ({len(wrong)}):\n" + "\n".join(wrong) + "\n" if wrong else "")
+    atomic_text(out / "summary.txt", text)
+    return metrics, text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for a in ("--checkpoint", "--onnx", "--manifest", "--out"):
+        ap.add_argument(a, required=True)
+    args = ap.parse_args()
+    _, text = run(args.checkpoint, args.onnx, args.manifest, args.out, load_section(Params, "evaluate"),
+                  stage_device("evaluate"))
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    cli(main)

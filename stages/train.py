@@ -1,0 +1,213 @@
+"""train: transfer a pretrained backbone to the manifest's classes.
+
+Strategies: `linear_probe` (frozen body: its features are computed once and the head trains on that cache),
+`finetune` (all weights), `lp_ft` (the head first, then everything at a lower backbone learning rate).
+The model is selected on the manifest's `holdout` slice of train; `val` is never seen here.
+"""
+import argparse
+import copy
+import csv
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from stages import backbones, presets
+from stages.config import UserError, atomic_write, cli, load_section, stage_device
+from stages.prepare import read_manifest
+
+STRATEGIES = ("linear_probe", "finetune", "lp_ft")
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"          # imagenet | none | path/to/checkpoint.pt
+    strategy: str = "lp_ft"
+    seed: int = 0
+    batch_size: int = 32
+    dropout: float = 0.2
+    label_smoothing: float = 0.1
+    weight_decay: float = 1e-4
+    lp_steps: int = 300                # full-batch steps of the head on cached features
+    lp_lr: float = 0.01
+    lp_views: int = 3                  # cached views per train image: 1 plain + augmented ones
+    ft_epochs: int = 2
+    ft_lr: float = 1e-3                # head learning rate while fine-tuning
+    ft_backbone_lr: float = 1e-4
+    patience: int = 2                  # fine-tune epochs without holdout improvement before stopping
+    crop_scale: tuple = (0.35, 1.0)
+    hflip: float = 0.5
+    policy: str = "none"               # none | trivialaugment | randaugment
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"train.strategy '{self.strategy}' is not one of {', '.join(STRATEGIES)}")
+        presets.get_policy(self.policy)
+
+
+class ImageRows(Dataset):
+    def __init__(self, rows, classes, transform):
+        self.rows, self.index, self.transform = rows, {c: i for i, c in enumerate(classes)}, transform
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        return self.transform(presets.load_rgb(r["path"])), self.index[r["label"]]
+
+
+def loader(rows, classes, transform, batch_size, shuffle=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ImageRows(rows, classes, transform), batch_size=batch_size, shuffle=shuffle, generator=g)
+
+
+@torch.no_grad()
+def predict(model, batches, device, desc=None):
+    """Logits and labels over `batches`, in order."""
+    model.eval()
+    out, labels = [], []
+    for x, y in tqdm(batches, desc=desc, unit="batch", disable=desc is None):
+        out.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(out), torch.cat(labels)
+
+
+def freeze_bn(model):
+    """Keep BatchNorm statistics at their pretrained values: a few hundred images would only add noise."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
+    """Train the head alone on cached body features; keep the step with the lowest holdout loss."""
+    aug = presets.train_transform(pp, p.crop_scale, p.hflip, p.policy)
+    views = [presets.eval_transform(pp)] + [aug] * (p.lp_views - 1)
+    feats = [predict(model.body, loader(train_rows, classes, tf, p.batch_size), device,
+                     f"train: features, view {i + 1}/{len(views)}") for i, tf in enumerate(views)]
+    x, y = torch.cat([f for f, _ in feats]), torch.cat([l for _, l in feats])
+    hx, hy = predict(model.body, loader(hold_rows, classes, views[0], p.batch_size), device)
+    x, y, hx, hy = x.to(device), y.to(device), hx.to(device), hy.to(device)
+    head = model.head
+    opt = torch.optim.AdamW(head.parameters(), lr=p.lp_lr, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.lp_steps)
+    best = (float("inf"), None, 0.0)
+    for _ in range(p.lp_steps):
+        head.train()
+        loss = F.cross_entropy(head(x), y, label_smoothing=p.label_smoothing)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        head.eval()
+        with torch.no_grad():
+            logits = head(hx)
+            h_loss = F.cross_entropy(logits, hy).item()
+        if h_loss < best[0]:
+            best = (h_loss, copy.deepcopy(head.state_dict()), (logits.argmax(1) == hy).float().mean().item())
+    head.load_state_dict(best[1])
+    return {"phase": "linear_probe", "epoch": 0, "train_loss": round(loss.item(), 4),
+            "holdout_loss": round(best[0], 4), "holdout_acc": round(best[2], 4)}
+
+
+def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history):
+    """Train all weights, the body at a lower rate; keep the epoch with the lowest holdout loss."""
+    train_dl = loader(train_rows, classes, presets.train_transform(pp, p.crop_scale, p.hflip, p.policy),
+                      p.batch_size, shuffle=True, seed=p.seed)
+    hold_dl = loader(hold_rows, classes, presets.eval_transform(pp), p.batch_size)
+    opt = torch.optim.AdamW([{"params": model.body.parameters(), "lr": p.ft_backbone_lr},
+                             {"params": model.head.parameters(), "lr": p.ft_lr}], weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.ft_epochs * len(train_dl))
+    best_loss, best_state, stale = start, copy.deepcopy(model.state_dict()), 0
+    for epoch in range(1, p.ft_epochs + 1):
+        t0, total, n = time.perf_counter(), 0.0, 0
+        model.train()
+        freeze_bn(model)
+        for x, y in tqdm(train_dl, desc=f"train: fine-tune epoch {epoch}/{p.ft_epochs}", unit="batch"):
+            loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=p.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+        logits, labels = predict(model, hold_dl, device)
+        h_loss = F.cross_entropy(logits, labels).item()
+        history.append({"phase": "finetune", "epoch": epoch, "train_loss": round(total / n, 4),
+                        "holdout_loss": round(h_loss, 4),
+                        "holdout_acc": round((logits.argmax(1) == labels).float().mean().item(), 4),
+                        "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"train: epoch {epoch} " + " ".join(f"{k}={v}" for k, v in history[-1].items()
+                                                   if k not in ("phase", "epoch")))
+        if h_loss < best_loss:
+            best_loss, best_state, stale = h_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= p.patience:
+                print(f"train: early stop, holdout loss has not improved for {stale} epochs")
+                break
+    model.load_state_dict(best_state)
+
+
+def run(manifest, out_dir, p, device="cpu"):
+    """Train on the manifest's train split, select on holdout; write model.pt and history.csv."""
+    torch.manual_seed(p.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    train_rows, classes = read_manifest(manifest, {"train"})
+    hold_rows, _ = read_manifest(manifest, {"holdout"})
+    if not train_rows or not hold_rows:
+        raise UserError(f"{manifest}: train needs images in both the train and holdout splits")
+    model, pp = backbones.create(p.backbone, p.weights, len(classes), p.dropout)
+    model.to(device)
+    history, t0 = [], time.perf_counter()
+    start = float("inf")
+    if p.strategy in ("linear_probe", "lp_ft"):
+        history.append({**linear_probe(model, train_rows, hold_rows, classes, pp, p, device),
+                        "seconds": round(time.perf_counter() - t0, 1)})
+        start = history[-1]["holdout_loss"]
+        print(f"train: linear probe holdout_acc={history[-1]['holdout_acc']} loss={start}")
+    if p.strategy in ("finetune", "lp_ft"):
+        finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history)
+    out = Path(out_dir)
+    ckpt = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "backbone": p.backbone,
+            "classes": classes, "dropout": p.dropout, "preprocessing": pp.to_json(),
+            "params": dataclasses.asdict(p)}
+    atomic_write(out / "model.pt", lambda tmp: torch.save(ckpt, tmp))
+
+    def write_history(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, ["phase", "epoch", "train_loss", "holdout_loss", "holdout_acc", "seconds"])
+            w.writeheader()
+            w.writerows(history)
+
+    atomic_write(out / "history.csv", write_history)
+    return {"seconds": round(time.perf_counter() - t0, 1), "history": history}
+
+
+def load_model(path):
+    """(model in eval mode, class names, Preprocessing) from a checkpoint written by `run`."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model, _ = backbones.create(ckpt["backbone"], "none", len(ckpt["classes"]), ckpt["dropout"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt["classes"], presets.Preprocessing.from_json(ckpt["preprocessing"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    p = load_section(Params, "train")
+    device = stage_device("train")
+    print(f"train: {p.backbone} ({p.weights}), strategy {p.strategy}, device {device}")
+    result = run(args.manifest, args.out, p, device)
+    print(f"train: done in {result['seconds']} s")
+
+
+if __name__ == "__main__":
+    cli(main)
