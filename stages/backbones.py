@@ -6,6 +6,8 @@ scratch) or the path of a local checkpoint.
 """
 import importlib
 import math
+import socket
+import urllib.parse
 from pathlib import Path
 
 import timm
@@ -59,9 +61,8 @@ def imagenet_net(backbone, weights):
         close = timm.list_models(f"*{arch[:6]}*")[:5]
         raise UserError(f"unknown backbone '{backbone}': not a timm model nor torchvision:<name>"
                         + (f" (similar: {', '.join(close)})" if close else ""))
-    hub = weights == "imagenet" and backbone not in OFFLINE
     try:
-        net = timm.create_model(arch, pretrained=hub)
+        net = _timm_create(arch, pretrained=weights == "imagenet" and backbone not in OFFLINE)
     except Exception as e:   # offline: huggingface_hub raises one of several errors
         raise UserError(f"cannot download ImageNet weights for '{backbone}' ({type(e).__name__}); "
                         f"{OFFLINE_CHOICES}") from None
@@ -73,6 +74,23 @@ def imagenet_net(backbone, weights):
     size = cfg["input_size"][-1]
     return net, Preprocessing(size, math.floor(size / cfg["crop_pct"]), tuple(cfg["mean"]),
                               tuple(cfg["std"]), cfg["interpolation"])
+
+
+def _timm_create(arch, pretrained):
+    """timm.create_model; when the hub's host does not resolve, use the local cache only (no minute of retries)."""
+    if not pretrained:
+        return timm.create_model(arch)
+    import huggingface_hub.constants as hub
+
+    saved = hub.HF_HUB_OFFLINE
+    try:
+        socket.getaddrinfo(urllib.parse.urlparse(hub.ENDPOINT).hostname, 443)
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(arch, pretrained=True)
+    finally:
+        hub.HF_HUB_OFFLINE = saved
 
 
 def _torchvision(name, weights):

@@ -85,8 +85,13 @@ def freeze_bn(model):
             m.eval()
 
 
+def holdout_score(logits, labels):
+    """(accuracy, -loss): the model selected is the most accurate on holdout, the most confident on ties."""
+    return (round((logits.argmax(1) == labels).float().mean().item(), 6), -F.cross_entropy(logits, labels).item())
+
+
 def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
-    """Train the head alone on cached body features; keep the step with the lowest holdout loss."""
+    """Train the head alone on cached body features; keep the step with the best holdout score."""
     aug = presets.train_transform(pp, p.crop_scale, p.hflip, p.policy)
     views = [presets.eval_transform(pp)] + [aug] * (p.lp_views - 1)
     feats = [predict(model.body, loader(train_rows, classes, tf, p.batch_size), device,
@@ -97,7 +102,7 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
     head = model.head
     opt = torch.optim.AdamW(head.parameters(), lr=p.lp_lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.lp_steps)
-    best = (float("inf"), None, 0.0)
+    best = ((-1.0, 0.0), None)
     for _ in range(p.lp_steps):
         head.train()
         loss = F.cross_entropy(head(x), y, label_smoothing=p.label_smoothing)
@@ -107,24 +112,23 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
         sched.step()
         head.eval()
         with torch.no_grad():
-            logits = head(hx)
-            h_loss = F.cross_entropy(logits, hy).item()
-        if h_loss < best[0]:
-            best = (h_loss, copy.deepcopy(head.state_dict()), (logits.argmax(1) == hy).float().mean().item())
+            score = holdout_score(head(hx), hy)
+        if score > best[0]:
+            best = (score, copy.deepcopy(head.state_dict()))
     head.load_state_dict(best[1])
     return {"phase": "linear_probe", "epoch": 0, "train_loss": round(loss.item(), 4),
-            "holdout_loss": round(best[0], 4), "holdout_acc": round(best[2], 4)}
+            "holdout_loss": round(-best[0][1], 4), "holdout_acc": round(best[0][0], 4)}
 
 
 def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history):
-    """Train all weights, the body at a lower rate; keep the epoch with the lowest holdout loss."""
+    """Train all weights, the body at a lower rate; keep the epoch with the best holdout score."""
     train_dl = loader(train_rows, classes, presets.train_transform(pp, p.crop_scale, p.hflip, p.policy),
                       p.batch_size, shuffle=True, seed=p.seed)
     hold_dl = loader(hold_rows, classes, presets.eval_transform(pp), p.batch_size)
     opt = torch.optim.AdamW([{"params": model.body.parameters(), "lr": p.ft_backbone_lr},
                              {"params": model.head.parameters(), "lr": p.ft_lr}], weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.ft_epochs * len(train_dl))
-    best_loss, best_state, stale = start, copy.deepcopy(model.state_dict()), 0
+    best, best_state, stale = start, copy.deepcopy(model.state_dict()), 0
     for epoch in range(1, p.ft_epochs + 1):
         t0, total, n = time.perf_counter(), 0.0, 0
         model.train()
@@ -136,20 +140,18 @@ def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, histor
             opt.step()
             sched.step()
             total, n = total + loss.item() * len(y), n + len(y)
-        logits, labels = predict(model, hold_dl, device)
-        h_loss = F.cross_entropy(logits, labels).item()
+        score = holdout_score(*predict(model, hold_dl, device))
         history.append({"phase": "finetune", "epoch": epoch, "train_loss": round(total / n, 4),
-                        "holdout_loss": round(h_loss, 4),
-                        "holdout_acc": round((logits.argmax(1) == labels).float().mean().item(), 4),
+                        "holdout_loss": round(-score[1], 4), "holdout_acc": round(score[0], 4),
                         "seconds": round(time.perf_counter() - t0, 1)})
         print(f"train: epoch {epoch} " + " ".join(f"{k}={v}" for k, v in history[-1].items()
                                                    if k not in ("phase", "epoch")))
-        if h_loss < best_loss:
-            best_loss, best_state, stale = h_loss, copy.deepcopy(model.state_dict()), 0
+        if score > best:
+            best, best_state, stale = score, copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
             if stale >= p.patience:
-                print(f"train: early stop, holdout loss has not improved for {stale} epochs")
+                print(f"train: early stop, holdout score has not improved for {stale} epochs")
                 break
     model.load_state_dict(best_state)
 
@@ -165,12 +167,12 @@ def run(manifest, out_dir, p, device="cpu"):
     model, pp = backbones.create(p.backbone, p.weights, len(classes), p.dropout)
     model.to(device)
     history, t0 = [], time.perf_counter()
-    start = float("inf")
+    start = (-1.0, 0.0)
     if p.strategy in ("linear_probe", "lp_ft"):
         history.append({**linear_probe(model, train_rows, hold_rows, classes, pp, p, device),
                         "seconds": round(time.perf_counter() - t0, 1)})
-        start = history[-1]["holdout_loss"]
-        print(f"train: linear probe holdout_acc={history[-1]['holdout_acc']} loss={start}")
+        start = (history[-1]["holdout_acc"], -history[-1]["holdout_loss"])
+        print(f"train: linear probe holdout_acc={start[0]} loss={-start[1]}")
     if p.strategy in ("finetune", "lp_ft"):
         finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history)
     out = Path(out_dir)

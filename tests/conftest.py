@@ -1,0 +1,72 @@
+"""Shared fixtures: generated images and tiny models, offline and on the CPU."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_image(path, color, size=(48, 40), seed=0, fmt=None):
+    """A noisy image whose mean colour carries its class: learnable by a tiny model in a few steps."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(color) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, fmt)
+    return path
+
+
+COLORS = {"red": (200, 40, 40), "blue": (40, 40, 200)}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """An ImageFolder without split folders: 12 images per class."""
+    root = tmp_path / "images"
+    for k, (c, color) in enumerate(COLORS.items()):
+        for i in range(12):
+            make_image(root / c / f"{i}.png", color, seed=100 * k + i)
+    return root
+
+
+@pytest.fixture
+def split_folder(tmp_path):
+    """An ImageFolder with its own train/ and val/ folders."""
+    root = tmp_path / "split"
+    for split, n in (("train", 10), ("val", 4)):
+        for k, (c, color) in enumerate(COLORS.items()):
+            for i in range(n):
+                make_image(root / split / c / f"{i}.jpg", color, seed=1000 * (split == "val") + 100 * k + i)
+    return root
+
+
+TINY = dict(backbone="test_efficientnet", weights="none", batch_size=8, lp_steps=30, lp_views=2,
+            ft_epochs=1, lp_lr=0.05, ft_lr=0.01, ft_backbone_lr=0.01)
+
+
+@pytest.fixture
+def manifest(tmp_path, split_folder):
+    from stages import prepare
+    prepare.run(split_folder, tmp_path / "prepare", prepare.Params(source=str(split_folder)))
+    return tmp_path / "prepare" / "manifest.csv"
+
+
+@pytest.fixture
+def checkpoint(tmp_path, manifest):
+    from stages import train
+    train.run(manifest, tmp_path / "train", train.Params(**TINY))
+    return tmp_path / "train" / "model.pt"
+
+
+def project_copy(dest):
+    """The committed and untracked-but-not-ignored files of this checkout, copied to `dest`."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    return dest

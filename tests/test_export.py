@@ -1,0 +1,29 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from stages import export
+from stages.config import UserError
+
+
+def test_export_checks_parity_and_carries_metadata(tmp_path, manifest, checkpoint):
+    result = export.run(checkpoint, manifest, tmp_path / "e", export.Params())
+    assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] < 1e-4 and result["images"] == 8
+    assert json.loads((tmp_path / "e" / "parity.json").read_text()) == result
+    path = tmp_path / "e" / "model.onnx"
+    onnx.checker.check_model(onnx.load(str(path)))
+    assert not list((tmp_path / "e").glob("*.data"))                     # one self-contained file
+    sess = export.session(path)
+    classes, pp = export.metadata(sess)
+    assert classes == ["blue", "red"] and pp.input_size > 0
+    for batch in (1, 5):                                                  # dynamic batch axis
+        x = np.zeros((batch, 3, pp.input_size, pp.input_size), np.float32)
+        assert sess.run(None, {"input": x})[0].shape == (batch, 2)
+
+
+def test_a_model_outside_tolerance_is_not_written(tmp_path, manifest, checkpoint):
+    with pytest.raises(UserError, match="disagrees with PyTorch"):
+        export.run(checkpoint, manifest, tmp_path / "e", export.Params(max_logit_diff=-1.0))
+    assert not (tmp_path / "e").exists() or not list((tmp_path / "e").iterdir())

@@ -1,0 +1,46 @@
+import csv
+
+import pytest
+import torch
+
+from stages import train
+from stages.prepare import read_manifest
+from tests.conftest import TINY
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "finetune", "lp_ft"])
+def test_strategies_learn_and_save_a_complete_checkpoint(tmp_path, manifest, strategy):
+    result = train.run(manifest, tmp_path / "t", train.Params(**{**TINY, "strategy": strategy, "ft_epochs": 2}))
+    phases = [h["phase"] for h in result["history"]]
+    assert phases == {"linear_probe": ["linear_probe"], "finetune": ["finetune"] * 2,
+                      "lp_ft": ["linear_probe", "finetune", "finetune"]}[strategy]
+    ckpt = torch.load(tmp_path / "t" / "model.pt", weights_only=True)   # no pickled code in it
+    assert ckpt["classes"] == ["blue", "red"] and ckpt["backbone"] == "test_efficientnet"
+    assert ckpt["params"]["strategy"] == strategy
+    model, classes, pp = train.load_model(tmp_path / "t" / "model.pt")
+    val, _ = read_manifest(manifest, {"val"})
+    logits, labels = train.predict(model, train.loader(val, classes, train.presets.eval_transform(pp), 8), "cpu")
+    assert (logits.argmax(1) == labels).float().mean() >= 0.75     # red vs blue is easy
+    rows = list(csv.DictReader(open(tmp_path / "t" / "history.csv")))
+    assert [r["phase"] for r in rows] == phases
+
+
+def test_linear_probe_leaves_the_body_untouched(tmp_path, manifest):
+    train.run(manifest, tmp_path / "t", train.Params(**{**TINY, "strategy": "linear_probe"}))
+    model, _, _ = train.load_model(tmp_path / "t" / "model.pt")
+    torch.manual_seed(0)   # the seed train.run uses before it builds the model
+    fresh = train.backbones.create("test_efficientnet", "none", 2)[0]
+    assert torch.equal(model.body.conv_stem.weight, fresh.body.conv_stem.weight)
+
+
+def test_training_is_deterministic(tmp_path, manifest):
+    for d in ("a", "b"):
+        train.run(manifest, tmp_path / d, train.Params(**TINY))
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True)["model"] for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_holdout_never_includes_val(tmp_path, manifest):
+    val, _ = read_manifest(manifest, {"val"})
+    seen, _ = read_manifest(manifest, {"train", "holdout"})
+    assert not {r["path"] for r in val} & {r["path"] for r in seen}
