@@ -1,7 +1,9 @@
 """Typed access to `params.yaml`: each stage loads its own section into a frozen dataclass."""
+import contextlib
 import dataclasses
 import difflib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -74,6 +76,24 @@ def atomic_write(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Build a folder in a temporary sibling, then swap it in whole: never half a stage's output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_text(path, text):

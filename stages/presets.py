@@ -6,6 +6,7 @@ checkpoint and the ONNX metadata, and rebuilds the exact eval transform anywhere
 import dataclasses
 import json
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2 as T
@@ -32,16 +33,21 @@ class Preprocessing:
 
 
 def load_rgb(path_or_file):
-    """Decode an image as RGB the one consistent way: EXIF orientation applied, alpha on white."""
+    """Decode an image file as RGB the one consistent way (see `to_rgb`)."""
     with Image.open(path_or_file) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P", "PA"):
-            im = im.convert("RGBA")
-            canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(canvas, im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            im = im.point(lambda v: v / 256).convert("L")   # 16-bit -> 8-bit by its top byte
-        return im.convert("RGB")
+        return to_rgb(im)
+
+
+def to_rgb(im):
+    """RGB from any PIL mode: EXIF orientation applied, transparency onto white, 16-bit scaled to 8."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    elif im.mode.startswith("I") or im.mode == "F":   # 16/32-bit grey: the full range onto 0..255
+        a = np.asarray(im, dtype=np.float64)
+        scale = 255.0 / 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 1.0
+        im = Image.fromarray((a * scale).clip(0, 255).astype(np.uint8))
+    return im.convert("RGB")
 
 
 def _tail(pp):

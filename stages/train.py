@@ -2,7 +2,8 @@
 
 Strategies: `linear_probe` (frozen body: its features are computed once and the head trains on that cache),
 `finetune` (all weights), `lp_ft` (the head first, then everything at a lower backbone learning rate).
-The model is selected on the manifest's `holdout` slice of train; `val` is never seen here.
+Model selection (the head's best step; with `select: best`, the fine-tune epoch) uses the manifest's
+`holdout` slice of train; `val` is never seen here.
 """
 import argparse
 import copy
@@ -33,38 +34,45 @@ class Params:
     dropout: float = 0.2
     label_smoothing: float = 0.1
     weight_decay: float = 1e-4
-    lp_steps: int = 300                # full-batch steps of the head on cached features
+    lp_steps: int = 100                # full-batch steps of the head on cached features
     lp_lr: float = 0.01
-    lp_views: int = 3                  # cached views per train image: 1 plain + augmented ones
-    ft_epochs: int = 2
+    lp_views: int = 1                  # cached views per train image: 1 plain + augmented ones
+    ft_epochs: int = 3
     ft_lr: float = 1e-3                # head learning rate while fine-tuning
     ft_backbone_lr: float = 1e-4
-    patience: int = 2                  # fine-tune epochs without holdout improvement before stopping
+    select: str = "last"               # last | best: which fine-tune epoch to keep (see README: why last)
+    patience: int = 0                  # stop after this many epochs without holdout improvement; 0: off
     crop_scale: tuple = (0.35, 1.0)
     hflip: float = 0.5
-    policy: str = "none"               # none | trivialaugment | randaugment
+    policy: str = "trivialaugment"     # none | trivialaugment | randaugment
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise UserError(f"train.strategy '{self.strategy}' is not one of {', '.join(STRATEGIES)}")
+        if self.select not in ("last", "best"):
+            raise UserError(f"train.select '{self.select}' is not one of last, best")
         presets.get_policy(self.policy)
 
 
 class ImageRows(Dataset):
-    def __init__(self, rows, classes, transform):
+    """Manifest rows as (tensor, class index); `column` names the file: `cached` copies or original `path`."""
+
+    def __init__(self, rows, classes, transform, column="path"):
         self.rows, self.index, self.transform = rows, {c: i for i, c in enumerate(classes)}, transform
+        self.column = column
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
         r = self.rows[i]
-        return self.transform(presets.load_rgb(r["path"])), self.index[r["label"]]
+        return self.transform(presets.load_rgb(r[self.column])), self.index[r["label"]]
 
 
-def loader(rows, classes, transform, batch_size, shuffle=False, seed=0):
+def loader(rows, classes, transform, batch_size, shuffle=False, seed=0, column="path"):
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ImageRows(rows, classes, transform), batch_size=batch_size, shuffle=shuffle, generator=g)
+    return DataLoader(ImageRows(rows, classes, transform, column), batch_size=batch_size, shuffle=shuffle,
+                      generator=g)
 
 
 @torch.no_grad()
@@ -94,10 +102,10 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
     """Train the head alone on cached body features; keep the step with the best holdout score."""
     aug = presets.train_transform(pp, p.crop_scale, p.hflip, p.policy)
     views = [presets.eval_transform(pp)] + [aug] * (p.lp_views - 1)
-    feats = [predict(model.body, loader(train_rows, classes, tf, p.batch_size), device,
+    feats = [predict(model.body, loader(train_rows, classes, tf, p.batch_size, column="cached"), device,
                      f"train: features, view {i + 1}/{len(views)}") for i, tf in enumerate(views)]
     x, y = torch.cat([f for f, _ in feats]), torch.cat([l for _, l in feats])
-    hx, hy = predict(model.body, loader(hold_rows, classes, views[0], p.batch_size), device)
+    hx, hy = predict(model.body, loader(hold_rows, classes, views[0], p.batch_size, column="cached"), device)
     x, y, hx, hy = x.to(device), y.to(device), hx.to(device), hy.to(device)
     head = model.head
     opt = torch.optim.AdamW(head.parameters(), lr=p.lp_lr, weight_decay=p.weight_decay)
@@ -121,14 +129,16 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
 
 
 def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history):
-    """Train all weights, the body at a lower rate; keep the epoch with the best holdout score."""
+    """Train all weights, the body at a lower rate; keep the last epoch, or the best on holdout."""
     train_dl = loader(train_rows, classes, presets.train_transform(pp, p.crop_scale, p.hflip, p.policy),
-                      p.batch_size, shuffle=True, seed=p.seed)
-    hold_dl = loader(hold_rows, classes, presets.eval_transform(pp), p.batch_size)
+                      p.batch_size, shuffle=True, seed=p.seed, column="cached")
+    hold_dl = loader(hold_rows, classes, presets.eval_transform(pp), p.batch_size, column="cached")
     opt = torch.optim.AdamW([{"params": model.body.parameters(), "lr": p.ft_backbone_lr},
                              {"params": model.head.parameters(), "lr": p.ft_lr}], weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.ft_epochs * len(train_dl))
-    best, best_state, stale = start, copy.deepcopy(model.state_dict()), 0
+    best, best_state, stale = start, None, 0
+    if p.select == "best":
+        best_state = copy.deepcopy(model.state_dict())
     for epoch in range(1, p.ft_epochs + 1):
         t0, total, n = time.perf_counter(), 0.0, 0
         model.train()
@@ -147,13 +157,16 @@ def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, histor
         print(f"train: epoch {epoch} " + " ".join(f"{k}={v}" for k, v in history[-1].items()
                                                    if k not in ("phase", "epoch")))
         if score > best:
-            best, best_state, stale = score, copy.deepcopy(model.state_dict()), 0
+            best, stale = score, 0
+            if p.select == "best":
+                best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if stale >= p.patience:
+            if p.patience and stale >= p.patience:
                 print(f"train: early stop, holdout score has not improved for {stale} epochs")
                 break
-    model.load_state_dict(best_state)
+    if p.select == "best":
+        model.load_state_dict(best_state)
 
 
 def run(manifest, out_dir, p, device="cpu"):

@@ -1,0 +1,1 @@
+"""serve: the deploy model behind HTTP (app), over a folder (predict_folder) and as a Triton repository (triton)."""

@@ -1,0 +1,85 @@
+"""predict_folder: the served model over every file in a folder, to a CSV (path, top1, probability, top_k).
+
+The same card check, decoding, preprocessing and limits as the server; a file that is not a usable image gets a
+row with its error instead of a prediction, so every file is accounted for.
+"""
+import argparse
+import concurrent.futures
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from serve.model import InputError, Model, Params, preprocess, softmax, top_k
+from stages.config import UserError, atomic_write, cli, load_section
+
+FIELDS = ["path", "top1", "probability", "top_k", "error"]
+
+
+def predict(model, files, p, desc=None):
+    """One CSV row per file, in order; images go through ONNX Runtime `p.max_batch_size` at a time."""
+    rows = []
+
+    def decode(f):
+        try:
+            if f.stat().st_size > p.max_body_bytes:         # the server's limit, so both refuse the same files
+                raise InputError(413, "body_too_large", f"the file is over the limit of {p.max_body_bytes:,} bytes")
+            return preprocess(f.read_bytes(), model.transform, p.max_pixels), None
+        except InputError as e:
+            return None, e.detail
+
+    with concurrent.futures.ThreadPoolExecutor(p.decode_threads) as pool, \
+            tqdm(total=len(files), desc=desc, unit="img", disable=desc is None) as bar:
+        for start in range(0, len(files), p.max_batch_size):
+            chunk = files[start:start + p.max_batch_size]
+            decoded = list(pool.map(decode, chunk))
+            ok = [x for x, _ in decoded if x is not None]
+            probs = iter(softmax(model.infer(np.stack(ok))) if ok else [])
+            for f, (x, err) in zip(chunk, decoded):
+                if err is not None:
+                    rows.append({"path": f, "top1": "", "probability": "", "top_k": "", "error": err})
+                    continue
+                best = top_k(next(probs), model.classes, p.top_k)
+                rows.append({"path": f, "top1": best[0]["class"], "probability": f"{best[0]['probability']:.6f}",
+                             "top_k": json.dumps(best), "error": ""})
+            bar.update(len(chunk))
+    return rows
+
+
+def run(card, images, out, p):
+    """Predict every file under `images` (recursively, sorted) into the CSV `out`; returns the rows."""
+    images = Path(images)
+    if not images.is_dir():
+        raise UserError(f"{images} is not a folder")
+    files = sorted(f for f in images.rglob("*") if f.is_file())
+    if not files:
+        raise UserError(f"{images} holds no files")
+    rows = predict(Model(card, p.threads), files, p, desc="predict_folder")
+    for r in rows:
+        r["path"] = r["path"].relative_to(images).as_posix()
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(out, write)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--card", required=True, help="the model card JSON written by the export stage")
+    ap.add_argument("--images", required=True, help="a folder of images (searched recursively)")
+    ap.add_argument("--out", required=True, help="the CSV to write")
+    args = ap.parse_args()
+    rows = run(args.card, args.images, args.out, load_section(Params, "serve"))
+    failed = sum(bool(r["error"]) for r in rows)
+    print(f"predict_folder: {len(rows) - failed} images predicted, {failed} files not usable -> {args.out}")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,437 @@
+"""The HTTP service, the folder predictor and the Triton repository, on a tiny trained model over real HTTP."""
+import asyncio
+import csv
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import random
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve import app as serve_app, predict_folder, triton
+from serve.batcher import Batcher
+from serve.model import Params
+from stages import export, prepare, presets, train
+from stages.config import UserError
+from tests.conftest import COLORS, ROOT, TINY, make_image
+
+PARAMS = Params(max_batch_size=8, threads=1, max_body_bytes=200_000, max_images=4, max_pixels=1_000_000)
+
+
+def write_card(path, model, **fields):
+    card = {"model": str(model), "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+            "variant": "onnx_fp32", "git_rev": "0123456789abcdef", **fields}
+    path.write_text(json.dumps(card))
+    return path
+
+
+@pytest.fixture(scope="module")
+def card(tmp_path_factory):
+    """The conftest recipe (generated images, tiny model) run once, exported to ONNX, with its model card."""
+    d = tmp_path_factory.mktemp("serve")
+    for split, n in (("train", 10), ("val", 4)):
+        for k, (c, color) in enumerate(COLORS.items()):
+            for i in range(n):
+                make_image(d / "split" / split / c / f"{i}.jpg", color, seed=1000 * (split == "val") + 100 * k + i)
+    prepare.run(d / "split", d / "prepare", prepare.Params(source=str(d / "split")))
+    train.run(d / "prepare" / "manifest.csv", d / "train", train.Params(**TINY))
+    export.run(d / "train" / "model.pt", d / "prepare" / "manifest.csv", d / "export", export.Params())
+    return write_card(d / "export" / "card.json", d / "export" / "model.onnx", dvc_md5="feedface")
+
+
+def encode(color, size, fmt, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(color) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(pixels).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+# Colours between the classes too, so that probabilities are not all ~1.0; formats and modes load_rgb handles.
+PROBES = [(encode((200, 40, 40), (48, 40), "PNG"), "image/png"),
+          (encode((40, 40, 200), (64, 30), "JPEG", seed=1), "image/jpeg"),
+          (encode((120, 40, 120), (40, 60), "WEBP", seed=2), "image/webp"),
+          (encode((150, 60, 90), (33, 33), "PNG", "RGBA", seed=3), "image/png"),
+          (encode((90, 90, 160), (50, 50), "BMP", "L", seed=4), "image/bmp"),
+          (encode((160, 50, 70), (300, 200), "JPEG", seed=5), "image/jpeg")]
+
+
+def offline(card_path):
+    """Class names and softmax probabilities of PROBES from ONNX Runtime in-process, no server involved."""
+    sess = export.session(json.loads(card_path.read_text())["model"])
+    classes, pp = export.metadata(sess)
+    t = presets.eval_transform(pp)
+    x = torch.stack([t(presets.load_rgb(io.BytesIO(data))) for data, _ in PROBES])
+    logits, _ = export.predict_onnx(sess, [(x, torch.zeros(len(x)))])
+    return classes, torch.softmax(logits.double(), 1).numpy()
+
+
+def check_prediction(pred, classes, probs):
+    assert [p["class"] for p in pred["top_k"]] == [classes[i] for i in np.argsort(-probs, kind="stable")]
+    for p in pred["top_k"]:
+        assert abs(p["probability"] - probs[classes.index(p["class"])]) < 1e-5
+
+
+class LiveServer:
+    """The app under a real uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, app, p=PARAMS):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning",
+                                                    limit_concurrency=p.max_connections))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def url(card):
+    with LiveServer(serve_app.create_app(card, PARAMS)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(url):
+    with httpx.Client(base_url=url, timeout=30) as c:
+        yield c
+
+
+def metrics(client):
+    """{(name, labels as a sorted tuple): value} from /metrics, read with prometheus_client's own parser."""
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def multipart(images, boundary="b0undary"):
+    """Request kwargs for a multipart/form-data body of [(filename, bytes, content type)]."""
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                    f"Content-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n" for name, data, ctype in images)
+    return {"content": body + f"--{boundary}--\r\n".encode(),
+            "headers": {"content-type": f"multipart/form-data; boundary={boundary}"}}
+
+
+def test_health_metadata_and_predictions_match_offline_onnx_runtime(client, card):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    meta = client.get("/metadata")
+    classes, probs = offline(card)
+    info = meta.json()
+    assert info["classes"] == classes == ["blue", "red"] and info["variant"] == "onnx_fp32"
+    assert info["version"]["git_rev"] == "0123456789abcdef" and info["version"]["dvc_md5"] == "feedface"
+    assert info["input_size"] == presets.Preprocessing.from_json(json.dumps(info["preprocessing"])).input_size
+    assert str(card.parent) not in meta.text and "model.onnx" not in meta.text and "/tmp" not in meta.text
+    for (data, ctype), p in zip(PROBES, probs):                                # one raw image per request
+        r = client.post("/predict", content=data, headers={"content-type": ctype})
+        assert r.status_code == 200, r.text
+        (pred,) = r.json()["predictions"]
+        assert pred["filename"] is None and len(pred["top_k"]) == 2            # top_k 3 capped at 2 classes
+        check_prediction(pred, classes, p)
+    r = client.post("/predict", **multipart([(f"{i}.img", d, ctype) for i, (d, ctype) in enumerate(PROBES[:4])]))
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["filename"] for p in preds] == ["0.img", "1.img", "2.img", "3.img"]
+    for pred, p in zip(preds, probs):
+        check_prediction(pred, classes, p)
+    # httpx's own multipart encoder too
+    r = client.post("/predict", files=[("a", ("a.png", PROBES[0][0], "image/png")), ("b", ("b.jpg", PROBES[1][0]))])
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+
+
+def png_header(width, height):
+    """A PNG that declares `width` x `height` and holds no pixels: what a decompression bomb shows its header."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def chunked(data, size=16_384):
+    """A body of unknown length (chunked transfer encoding, no Content-Length)."""
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+PNG = PROBES[0][0]
+TOO_BIG = os.urandom(PARAMS.max_body_bytes + 1)
+BAD = {  # name: (request kwargs, status, error kind, words in the detail)
+    "not an image": (dict(content=b"hello, world" * 10, headers={"content-type": "image/png"}),
+                     400, "not_an_image", "not an image"),
+    "truncated image": (dict(content=PNG[:len(PNG) // 2], headers={"content-type": "image/png"}),
+                        400, "corrupt_image", "truncated"),
+    "zero bytes": (dict(content=b"", headers={"content-type": "image/jpeg"}), 400, "empty_image", "zero bytes"),
+    "body over the limit (Content-Length)": (dict(content=TOO_BIG, headers={"content-type": "image/png"}),
+                                             413, "body_too_large", f"limit is {PARAMS.max_body_bytes:,}"),
+    "body over the limit (streamed)": (dict(content=chunked(TOO_BIG), headers={"content-type": "image/png"}),
+                                       413, "body_too_large", "passed the limit"),
+    "decompression bomb": (dict(content=png_header(2000, 2000), headers={"content-type": "image/png"}),
+                           413, "image_too_large", "2000x2000 = 4,000,000 pixels"),
+    "bomb past PIL's own limit": (dict(content=png_header(100_000, 100_000), headers={"content-type": "image/png"}),
+                                  413, "image_too_large", "decompression bomb"),
+    "wrong content type": (dict(content=PNG, headers={"content-type": "text/plain"}),
+                           415, "unsupported_media_type", "image/*"),
+    "no content type": (dict(content=PNG), 415, "unsupported_media_type", "multipart/form-data"),
+    "too many images": (multipart([("x.png", PNG, "image/png")] * 5), 413, "too_many_images", "more than 4 images"),
+    "multipart without boundary": (dict(content=PNG, headers={"content-type": "multipart/form-data"}),
+                                   400, "malformed_multipart", "boundary"),
+    "multipart garbage": (dict(content=b"--b0undary\r\nno headers end here",
+                               headers={"content-type": "multipart/form-data; boundary=b0undary"}),
+                          400, "malformed_multipart", "ends before its closing boundary"),
+    "multipart with a bad part": (multipart([("ok.png", PNG, "image/png"), ("notes.txt", b"text", "text/plain")]),
+                                  400, "not_an_image", "image 1 ('notes.txt')"),
+    "multipart with no parts": (dict(content=b"--b0undary--\r\n",
+                                     headers={"content-type": "multipart/form-data; boundary=b0undary"}),
+                                400, "no_images", "no parts"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_a_4xx_json_error_and_the_service_keeps_serving(client, case):
+    kwargs, status, kind, words = BAD[case]
+    r = client.post("/predict", **kwargs)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["error"] == kind and words in r.json()["detail"], r.json()
+    assert client.post("/predict", content=PNG, headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_unknown_route_and_method_are_json_errors_and_counted(client):
+    before = metrics(client)
+    assert client.get("/nope").json()["error"] == "not_found"
+    r = client.get("/predict")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    after = metrics(client)
+    key = ("serve_requests_total", (("endpoint", "other"), ("status", "404")))
+    assert after[key] == before.get(key, 0) + 1
+    assert after[("serve_errors_total", (("kind", "method_not_allowed"),))] >= 1
+
+
+def test_api_key_guards_predict_only(card, monkeypatch):
+    monkeypatch.setenv(serve_app.API_KEY_ENV, "s3cret-key")
+    app = serve_app.create_app(card, PARAMS)
+    with LiveServer(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        png = {"content-type": "image/png"}
+        for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": "s3cret-key "}, {"x-api-key": "é".encode()}):
+            r = c.post("/predict", content=PNG, headers={**png, **headers})
+            assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.text
+        r = c.post("/predict", content=PNG, headers={**png, "x-api-key": "s3cret-key"})
+        assert r.status_code == 200 and r.json()["predictions"]
+        for path in ("/healthz", "/readyz", "/metrics", "/metadata"):
+            assert c.get(path).status_code == 200
+
+
+def test_a_model_that_differs_from_its_card_refuses_to_start(card, tmp_path):
+    model = json.loads(card.read_text())["model"]
+    bad = write_card(tmp_path / "card.json", card.parent / "model.onnx", sha256="0" * 64)
+    with pytest.raises(UserError, match="SHA-256"):
+        serve_app.create_app(bad, PARAMS)
+    (tmp_path / "missing.json").write_text(json.dumps({"model": "nowhere.onnx", "sha256": "0", "variant": "x"}))
+    with pytest.raises(UserError, match="does not exist"):
+        serve_app.create_app(tmp_path / "missing.json", PARAMS)
+    (tmp_path / "params.yaml").write_text("serve:\n  port: 1\n")      # a port it would fail on, were it reached
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "serve.app", "--card", str(bad)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "refusing to serve" in r.stderr and model in r.stderr
+
+
+def test_concurrent_load_is_batched_and_matches_offline(client, url, card):
+    """32 clients for ~8 s over loopback: no 5xx, no request lost, the same answers as in-process ORT."""
+    classes, probs = offline(card)
+    before = metrics(client)
+    results, sent = [], [0]
+
+    async def worker(c, rng, stop):
+        while time.monotonic() < stop and sent[0] < 3000:
+            picks = rng.sample(range(len(PROBES)), rng.choice([1, 1, 2, 3]))
+            sent[0] += 1
+            if len(picks) == 1:
+                data, ctype = PROBES[picks[0]]
+                r = await c.post("/predict", content=data, headers={"content-type": ctype})
+            else:
+                r = await c.post("/predict", **multipart([(f"{i}", *PROBES[i]) for i in picks]))
+            results.append((picks, r.status_code, r.json()))
+
+    async def load():
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+            stop = time.monotonic() + 8
+            await asyncio.gather(*(worker(c, random.Random(i), stop) for i in range(32)))
+
+    asyncio.run(load())
+    assert len(results) == sent[0] > 100
+    assert [s for _, s, _ in results if s != 200] == []
+    images = 0
+    for picks, _, body in results:
+        assert len(body["predictions"]) == len(picks)
+        for i, pred in zip(picks, body["predictions"]):
+            check_prediction(pred, classes, probs[i])
+        images += len(picks)
+    after = metrics(client)
+    ok = ("serve_requests_total", (("endpoint", "/predict"), ("status", "200")))
+    assert after[ok] - before.get(ok, 0) == len(results)
+    batches = after[("serve_batch_size_count", ())] - before[("serve_batch_size_count", ())]
+    assert after[("serve_batch_size_sum", ())] - before[("serve_batch_size_sum", ())] == images
+    assert batches < images / 2, f"{images} images in {batches} ORT calls: little batching"
+    assert after[("serve_request_seconds_count", (("endpoint", "/predict"),))] >= len(results)
+
+
+def test_batcher_groups_concurrent_requests_and_survives_a_failed_call():
+    calls = []
+
+    def infer(x):
+        calls.append(len(x))
+        if (x < 0).any():
+            raise ValueError("negative input")
+        return x * 2
+
+    async def scenario():
+        b = Batcher(infer, max_batch_size=4, max_wait_ms=50)
+        await b.start()
+        out = await asyncio.gather(*(b.submit(np.full(3, i, np.float32)) for i in range(10)))
+        assert [o[0] for o in out] == [2 * i for i in range(10)] and calls == [4, 4, 2]
+        with pytest.raises(ValueError, match="negative"):
+            await asyncio.gather(b.submit(np.full(3, -1, np.float32)), b.submit(np.ones(3, np.float32)))
+        assert (await b.submit(np.ones(3, np.float32)) == 2).all()       # still serving
+        pending = asyncio.ensure_future(b.submit(np.ones(3, np.float32)))
+        await asyncio.sleep(0)
+        await b.stop()                                                   # serves what is queued first
+        assert (pending.result() == 2).all() and not b.running
+
+    asyncio.run(scenario())
+
+
+def test_predict_folder_writes_every_file_and_matches_offline(card, tmp_path):
+    classes, probs = offline(card)
+    images = tmp_path / "images"
+    for i, (data, _) in enumerate(PROBES):
+        (images / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
+        (images / f"sub{i % 2}" / f"{i}.img").write_bytes(data)
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "preds" / "preds.csv"
+    rows = predict_folder.run(card, images, out, Params(max_batch_size=4, top_k=1))
+    assert len(rows) == len(PROBES) + 1 and [p.name for p in out.parent.iterdir()] == ["preds.csv"]
+    with open(out, newline="") as f:
+        by_path = {r["path"]: r for r in csv.DictReader(f)}
+    assert "not an image" in by_path["notes.txt"]["error"] and by_path["notes.txt"]["top1"] == ""
+    for i, p in enumerate(probs):
+        r = by_path[f"sub{i % 2}/{i}.img"]
+        assert r["error"] == "" and r["top1"] == classes[p.argmax()]
+        assert abs(float(r["probability"]) - p.max()) < 1e-5 and len(json.loads(r["top_k"])) == 1
+
+
+def parse_pbtxt(text):
+    """protobuf text format -> {field: [values]} (nested messages as dicts); raises on malformed text."""
+    tokens = re.findall(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+', text)
+    pos = 0
+
+    def value():
+        nonlocal pos
+        tok = tokens[pos]
+        pos += 1
+        if tok == "{":
+            return message("}")
+        assert tok not in "}[]:,", f"unexpected {tok!r}"
+        return json.loads(tok) if tok.startswith('"') else int(tok) if re.fullmatch(r"-?\d+", tok) else tok
+
+    def message(end):
+        nonlocal pos
+        fields = {}
+        while pos < len(tokens) and tokens[pos] != end:
+            name = tokens[pos]
+            pos += 1 + (tokens[pos + 1] == ":")
+            if tokens[pos] == "[":
+                pos += 1
+                while tokens[pos] != "]":
+                    fields.setdefault(name, []).append(value())
+                    pos += tokens[pos] == ","
+                pos += 1
+            else:
+                fields.setdefault(name, []).append(value())
+        assert (pos == len(tokens)) if end is None else tokens[pos] == end, "unbalanced braces"
+        pos += end is not None
+        return fields
+
+    return message(None)
+
+
+def test_triton_repository_matches_the_onnx_graph(card, tmp_path):
+    model = json.loads(card.read_text())["model"]
+    classes, pp = export.metadata(export.session(model))
+    triton.run(model, tmp_path / "repo", max_batch_size=8, max_queue_delay_us=5000, threads=1)
+    root = tmp_path / "repo" / "classifier"
+    assert (root / "1" / "model.onnx").read_bytes() == open(model, "rb").read()
+    assert (root / "labels.txt").read_text().splitlines() == classes
+    cfg = parse_pbtxt((root / "config.pbtxt").read_text())
+    assert cfg["name"] == ["classifier"] and cfg["platform"] == ["onnxruntime_onnx"]
+    assert cfg["max_batch_size"] == [8]
+    (inp,), (out,) = cfg["input"], cfg["output"]
+    assert inp == {"name": ["input"], "data_type": ["TYPE_FP32"], "dims": [3, pp.input_size, pp.input_size]}
+    assert out == {"name": ["logits"], "data_type": ["TYPE_FP32"], "dims": [2], "label_filename": ["labels.txt"]}
+    (batching,) = cfg["dynamic_batching"]
+    assert batching == {"preferred_batch_size": [4, 8], "max_queue_delay_microseconds": [5000]}
+    assert cfg["instance_group"] == [{"count": [1], "kind": ["KIND_CPU"]}]
+    params = {p["key"][0]: p["value"][0]["string_value"][0] for p in cfg["parameters"]}
+    assert params["intra_op_thread_count"] == "1" and presets.Preprocessing.from_json(params["preprocessing"]) == pp
+
+
+def dockerfile():
+    """[(INSTRUCTION, arguments)] with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "serve" / "Dockerfile").read_text())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
+
+
+def test_dockerfile_is_slim_pinned_non_root_and_copies_only_the_model_it_is_given():
+    steps = dockerfile()
+    kinds = [k for k, _ in steps]
+    assert kinds[0] == "FROM" and re.fullmatch(r"python:3\.\d+-slim", steps[0][1])
+    user = [a for k, a in steps if k == "USER"]
+    assert user and user[-1] not in ("root", "0") and kinds.index("USER") > max(
+        i for i, k in enumerate(kinds) if k == "RUN")                        # nothing runs as root after USER
+    assert [a for k, a in steps if k == "EXPOSE"] == ["8000"]
+    assert "/healthz" in dict(steps)["HEALTHCHECK"]
+    cmd = json.loads(dict(steps)["CMD"])
+    assert cmd[:3] == ["uvicorn", "--factory", "serve.app:from_env"] and callable(serve_app.from_env)
+    assert "ADD" not in kinds and any(k == "ARG" and a.startswith("MODEL_DIR=") for k, a in steps)
+    for sources in (a.split()[:-1] for k, a in steps if k == "COPY"):
+        assert "." not in sources and "./" not in sources                      # never the whole context
+        assert all(s.startswith("${MODEL_DIR}/") for s in sources if "outputs" in s or "MODEL_DIR" in s)
+    assert "-r serve/requirements.txt" in " ".join(a for k, a in steps if k == "RUN")
+    pins = [ln for ln in (ROOT / "serve/requirements.txt").read_text().splitlines() if ln and ln[0] != "#"]
+    for pin in pins:
+        name, version = pin.split("==")
+        assert importlib.metadata.version(name) == version, f"{pin} is not what the tests ran with"
+    assert (ROOT / "serve/Dockerfile.dockerignore").read_text().splitlines()[1] == "**"
