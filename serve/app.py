@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serve.batcher import Batcher
-from serve.model import InputError, Model, Params, preprocess, softmax, top_k
+from serve.model import InputError, Model, Params, preprocess, softmax, top_k, torch_threads
 from stages.config import UserError, cli, load_section
 
 API_KEY_ENV = "SERVE_API_KEY"
@@ -219,7 +219,8 @@ def create_app(card_path, p):
     async def lifespan(app):
         await batcher.start()
         try:
-            yield
+            with torch_threads(1):
+                yield
         finally:                                    # uvicorn has let in-flight requests finish by now
             await batcher.stop()
             decode_pool.shutdown()

@@ -70,6 +70,7 @@ def atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
+    os.chmod(tmp, 0o644)                     # mkstemp makes 0600; outputs are for everyone to read
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -84,6 +85,7 @@ def atomic_dir(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp.chmod(0o755)
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old")

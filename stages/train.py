@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torchvision.transforms import v2 as T
+from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from stages import backbones, presets
@@ -22,6 +24,8 @@ from stages.config import UserError, atomic_write, cli, load_section, stage_devi
 from stages.prepare import read_manifest
 
 STRATEGIES = ("linear_probe", "finetune", "lp_ft")
+BALANCES = ("none", "sampler", "loss")
+MIXES = {"none": None, "mixup": T.MixUp, "cutmix": T.CutMix}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +49,15 @@ class Params:
     crop_scale: tuple = (0.35, 1.0)
     hflip: float = 0.5
     policy: str = "trivialaugment"     # none | trivialaugment | randaugment
+    mix: str = "none"                  # none | mixup | cutmix, on fine-tune batches
+    balance: str = "none"              # none | sampler | loss: counter class imbalance
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise UserError(f"train.strategy '{self.strategy}' is not one of {', '.join(STRATEGIES)}")
-        if self.select not in ("last", "best"):
-            raise UserError(f"train.select '{self.select}' is not one of last, best")
+        for key, allowed in (("select", ("last", "best")), ("mix", tuple(MIXES)), ("balance", BALANCES)):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"train.{key} '{getattr(self, key)}' is not one of {', '.join(allowed)}")
         presets.get_policy(self.policy)
 
 
@@ -69,10 +76,31 @@ class ImageRows(Dataset):
         return self.transform(presets.load_rgb(r[self.column])), self.index[r["label"]]
 
 
-def loader(rows, classes, transform, batch_size, shuffle=False, seed=0, column="path"):
+def loader(rows, classes, transform, batch_size, shuffle=False, seed=0, column="path", balanced=False):
+    """Batches in order, shuffled, or (`balanced`) drawn with each class equally likely."""
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ImageRows(rows, classes, transform, column), batch_size=batch_size, shuffle=shuffle,
-                      generator=g)
+    data = ImageRows(rows, classes, transform, column)
+    if balanced:
+        weights = class_weights(rows, classes)[[data.index[r["label"]] for r in rows]]
+        sampler = WeightedRandomSampler(weights, len(rows), generator=g)
+        return DataLoader(data, batch_size=batch_size, sampler=sampler)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g)
+
+
+def class_weights(rows, classes):
+    """Inverse class frequency, mean 1 over the rows."""
+    counts = torch.tensor([sum(r["label"] == c for r in rows) for c in classes], dtype=torch.float)
+    w = 1.0 / counts.clamp(min=1)
+    return w * len(rows) / (w[[classes.index(r["label"]) for r in rows]].sum())
+
+
+def save_augmented_grid(rows, classes, pp, p, path, n=16):
+    """A PNG grid of augmented training samples: what the model sees, for people to check."""
+    tf = presets.train_transform(pp, p.crop_scale, p.hflip, p.policy)
+    x, _ = next(iter(loader(rows, classes, tf, n, shuffle=True, seed=p.seed, column="cached")))
+    mean, std = torch.tensor(pp.mean)[:, None, None], torch.tensor(pp.std)[:, None, None]
+    grid = make_grid((x * std + mean).clamp(0, 1), nrow=4, padding=2)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
 
 
 @torch.no_grad()
@@ -108,12 +136,13 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
     hx, hy = predict(model.body, loader(hold_rows, classes, views[0], p.batch_size, column="cached"), device)
     x, y, hx, hy = x.to(device), y.to(device), hx.to(device), hy.to(device)
     head = model.head
+    weight = class_weights(train_rows, classes).to(device) if p.balance == "loss" else None
     opt = torch.optim.AdamW(head.parameters(), lr=p.lp_lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.lp_steps)
     best = ((-1.0, 0.0), None)
     for _ in range(p.lp_steps):
         head.train()
-        loss = F.cross_entropy(head(x), y, label_smoothing=p.label_smoothing)
+        loss = F.cross_entropy(head(x), y, weight=weight, label_smoothing=p.label_smoothing)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -131,7 +160,9 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
 def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history):
     """Train all weights, the body at a lower rate; keep the last epoch, or the best on holdout."""
     train_dl = loader(train_rows, classes, presets.train_transform(pp, p.crop_scale, p.hflip, p.policy),
-                      p.batch_size, shuffle=True, seed=p.seed, column="cached")
+                      p.batch_size, shuffle=True, seed=p.seed, column="cached", balanced=p.balance == "sampler")
+    weight = class_weights(train_rows, classes).to(device) if p.balance == "loss" else None
+    mix = MIXES[p.mix](num_classes=len(classes)) if MIXES[p.mix] else None
     hold_dl = loader(hold_rows, classes, presets.eval_transform(pp), p.batch_size, column="cached")
     opt = torch.optim.AdamW([{"params": model.body.parameters(), "lr": p.ft_backbone_lr},
                              {"params": model.head.parameters(), "lr": p.ft_lr}], weight_decay=p.weight_decay)
@@ -144,7 +175,10 @@ def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, histor
         model.train()
         freeze_bn(model)
         for x, y in tqdm(train_dl, desc=f"train: fine-tune epoch {epoch}/{p.ft_epochs}", unit="batch"):
-            loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=p.label_smoothing)
+            if mix:
+                x, y = mix(x, y)                # soft targets
+            loss = F.cross_entropy(model(x.to(device)), y.to(device), weight=weight,
+                                   label_smoothing=p.label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -179,6 +213,8 @@ def run(manifest, out_dir, p, device="cpu"):
         raise UserError(f"{manifest}: train needs images in both the train and holdout splits")
     model, pp = backbones.create(p.backbone, p.weights, len(classes), p.dropout)
     model.to(device)
+    out = Path(out_dir)
+    save_augmented_grid(train_rows, classes, pp, p, out / "augmented.png")
     history, t0 = [], time.perf_counter()
     start = (-1.0, 0.0)
     if p.strategy in ("linear_probe", "lp_ft"):
@@ -188,7 +224,6 @@ def run(manifest, out_dir, p, device="cpu"):
         print(f"train: linear probe holdout_acc={start[0]} loss={-start[1]}")
     if p.strategy in ("finetune", "lp_ft"):
         finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history)
-    out = Path(out_dir)
     ckpt = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "backbone": p.backbone,
             "classes": classes, "dropout": p.dropout, "preprocessing": pp.to_json(),
             "params": dataclasses.asdict(p)}

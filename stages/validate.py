@@ -8,13 +8,11 @@ GX's result goes to `<out>/result.json`, its HTML data docs to `<out>/docs/`, a 
 import argparse
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from stages.config import UserError, atomic_text, cli, load_section
+from stages.config import UserError, atomic_dir, atomic_text, cli, load_section
 
 SPLITS = ("train", "holdout", "val")
 COLUMNS = ("path", "label", "split", "width", "height", "mode", "sha256", "phash", "status")
@@ -29,10 +27,14 @@ class Params:
     min_per_class: int = 2          # ok images per class in train and in val (holdout needs 1)
     max_imbalance: float = 3.0      # largest / smallest class in train
     min_side: int = 32              # pixel bounds on width and height
-    max_side: int = 4096
+    max_side: int = 8192
     modes: tuple = MODES            # allowed original PIL modes
 
     def __post_init__(self):
+        for name in ("classes", "modes"):   # YAML reads `[0, 1]` or mode `1` as numbers; the manifest has text
+            if isinstance(getattr(self, name), str):
+                raise UserError(f"validate.{name} must be a list, e.g. [{getattr(self, name)}]")
+            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
         if not 1 <= self.min_side <= self.max_side:
             raise UserError(f"validate: need 1 <= min_side <= max_side, got {self.min_side} and {self.max_side}")
         if self.min_per_class < 1 or self.max_imbalance < 1:
@@ -40,7 +42,7 @@ class Params:
 
 
 def load_tables(manifest, classes=()):
-    """The manifest's ok rows and a per-class count table (every class named anywhere, zeros included)."""
+    """The manifest's ok rows, and ok images per class and split (zeros included) with the train ratio."""
     manifest = Path(manifest)
     if not manifest.is_file():
         raise UserError(f"manifest '{manifest}' not found: run the prepare stage first")
@@ -140,29 +142,12 @@ def describe(name, r):
     return f"{where}: {res['unexpected_count']} unexpected, {', '.join(shown)}{more}"
 
 
-def replace_dir(src, dest):
-    """Move the folder `src` onto `dest`, removing the old `dest` only once the new one is complete."""
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old."))
-        dest.rename(old / dest.name)
-    src.rename(dest)
-    if old:
-        shutil.rmtree(old)
-
-
 def run(manifest, out_dir, p):
     """Validate `manifest`; write result.json, summary.json and docs/ under `out_dir`. Raises when it fails."""
     out_dir = Path(out_dir)
     images, counts = load_tables(manifest, p.classes)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_docs = Path(tempfile.mkdtemp(dir=out_dir, prefix=".docs."))
-    tmp_docs.chmod(0o755)   # mkdtemp's 0700 would hide the docs from a web server
-    try:
-        results = check({"images": images, "classes": counts}, expectations(p), tmp_docs)
-        replace_dir(tmp_docs, out_dir / "docs")
-    finally:
-        shutil.rmtree(tmp_docs, ignore_errors=True)
+    with atomic_dir(out_dir / "docs") as docs:
+        results = check({"images": images, "classes": counts}, expectations(p), docs)
     report = {name: r.to_json_dict() for name, r in results.items()}
     failed = [describe(name, r) for name, res in results.items() for r in res.results if not r.success]
     n = sum(len(res.results) for res in results.values())

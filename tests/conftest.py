@@ -44,7 +44,7 @@ def split_folder(tmp_path):
 
 
 TINY = dict(backbone="test_efficientnet", weights="none", batch_size=8, lp_steps=30, lp_views=2,
-            ft_epochs=1, lp_lr=0.05, ft_lr=0.01, ft_backbone_lr=0.01)
+            ft_epochs=1, lp_lr=0.05, ft_lr=0.01, ft_backbone_lr=0.01, policy="none")
 
 
 @pytest.fixture

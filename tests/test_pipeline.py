@@ -75,3 +75,19 @@ def test_changing_a_train_param_reruns_train_not_prepare(repo):
     out = sh(repo, "dvc", "repro")
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Running stage 'train'" in out
+
+
+def test_data_that_breaks_the_contract_stops_before_train(repo):
+    model = (repo / "outputs/train/model.pt").read_bytes()
+    metrics = (repo / "outputs/evaluate/metrics.json").read_text()
+    for f in sorted((repo / "data/mini/val/bees").glob("*.jpg"))[1:]:
+        f.unlink()                                              # one val bee left: under min_per_class
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    assert "validation failed" in r.stderr and "classes.val expect_column_values_to_be_between" in r.stderr
+    assert "outputs/validate/docs/index.html" in r.stderr and "Running stage 'train'" not in r.stdout
+    docs = (repo / "outputs/validate/docs/index.html").read_text()
+    assert "classes" in docs
+    assert (repo / "outputs/train/model.pt").read_bytes() == model
+    assert (repo / "outputs/evaluate/metrics.json").read_text() == metrics

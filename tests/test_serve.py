@@ -207,7 +207,10 @@ BAD = {  # name: (request kwargs, status, error kind, words in the detail)
                                    400, "malformed_multipart", "boundary"),
     "multipart garbage": (dict(content=b"--b0undary\r\nno headers end here",
                                headers={"content-type": "multipart/form-data; boundary=b0undary"}),
-                          400, "malformed_multipart", "ends before its closing boundary"),
+                          400, "malformed_multipart", "cannot be parsed"),
+    "multipart cut short": (dict(content=multipart([("x.png", PNG, "image/png")])["content"][:-40],
+                                 headers={"content-type": "multipart/form-data; boundary=b0undary"}),
+                            400, "malformed_multipart", "ends before its closing boundary"),
     "multipart with a bad part": (multipart([("ok.png", PNG, "image/png"), ("notes.txt", b"text", "text/plain")]),
                                   400, "not_an_image", "image 1 ('notes.txt')"),
     "multipart with no parts": (dict(content=b"--b0undary--\r\n",
@@ -242,7 +245,7 @@ def test_api_key_guards_predict_only(card, monkeypatch):
     app = serve_app.create_app(card, PARAMS)
     with LiveServer(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         png = {"content-type": "image/png"}
-        for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": "s3cret-key "}, {"x-api-key": "é".encode()}):
+        for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": "s3cret-key2"}, {"x-api-key": "é".encode()}):
             r = c.post("/predict", content=PNG, headers={**png, **headers})
             assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.text
         r = c.post("/predict", content=PNG, headers={**png, "x-api-key": "s3cret-key"})

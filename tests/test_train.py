@@ -44,3 +44,21 @@ def test_holdout_never_includes_val(tmp_path, manifest):
     val, _ = read_manifest(manifest, {"val"})
     seen, _ = read_manifest(manifest, {"train", "holdout"})
     assert not {r["path"] for r in val} & {r["path"] for r in seen}
+
+
+def test_balance_mix_and_the_augmented_grid(tmp_path, manifest):
+    rows, classes = read_manifest(manifest, {"train"})
+    skewed = rows + [r for r in rows if r["label"] == "red"] * 2          # red 3x as frequent
+    w = train.class_weights(skewed, classes)
+    assert w[classes.index("blue")] == pytest.approx(3 * w[classes.index("red")])
+    drawn = [y for _, ys in train.loader(skewed, classes, train.presets.eval_transform(
+        train.backbones.create("test_efficientnet", "none", 2)[1]), 8, balanced=True, column="cached")
+        for y in ys.tolist()]
+    assert 0.35 < drawn.count(classes.index("blue")) / len(drawn) < 0.65   # ~1/2, not 1/4
+    p = train.Params(**{**TINY, "balance": "loss", "mix": "cutmix"})
+    train.run(manifest, tmp_path / "t", p)
+    from PIL import Image
+    with Image.open(tmp_path / "t" / "augmented.png") as im:
+        assert im.format == "PNG" and im.width > 4 * 32
+    with pytest.raises(train.UserError, match="train.mix 'blend' is not one of none, mixup, cutmix"):
+        train.Params(mix="blend")

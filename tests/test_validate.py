@@ -143,6 +143,7 @@ def test_bad_inputs_are_user_errors(tmp_path):
         validate.run(tmp_path / "old.csv", tmp_path / "v", PARAMS)
     with pytest.raises(UserError, match="min_side"):
         validate.Params(min_side=500, max_side=100)
+    assert validate.Params(classes=[0, 1], modes=["RGB", 1]).modes == ("RGB", "1")   # as YAML reads them
 
 
 def test_the_cli_exits_2_with_one_error_line(tmp_path):
