@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test
+.PHONY: setup run test flow deploy
 setup: $(STAMP)
 
 # Re-installs only when requirements.txt changes; the machine's pip config prints noise about absent mirrors.
@@ -20,3 +20,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	python -m pytest -q tests
+
+# The pipeline through Prefect: a local server (SQLite in .prefect/) is started when none answers.
+flow deploy: export PREFECT_HOME := $(CURDIR)/.prefect
+flow deploy: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+
+flow: $(STAMP)
+	python -m flows.server
+	python -m flows.pipeline
+
+deploy: $(STAMP)
+	python -m flows.server
+	python -m flows.deploy

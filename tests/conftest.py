@@ -1,10 +1,13 @@
 """Shared fixtures: generated images and tiny models, offline and on the CPU."""
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +73,51 @@ def project_copy(dest):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
     return dest
+
+
+def sh(cwd, *cmd, check=True):
+    """Run a command with this venv's tools first on PATH; fail the test with its output when it fails."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if check:
+        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def set_params(repo, **sections):
+    params = yaml.safe_load((Path(repo) / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (Path(repo) / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+
+
+MINI = {"train": 8, "val": 6}   # shipped photos per class and split in the reduced end-to-end config
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory):
+    """A git copy of the project on a few shipped photos per class, built once by the real `dvc repro`
+    (real pretrained weights, one fine-tune epoch). Returns (repo, what dvc repro printed)."""
+    repo = project_copy(tmp_path_factory.mktemp("mini"))
+    shutil.rmtree(repo / "outputs", ignore_errors=True)
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    for split, n in MINI.items():
+        for cls in ("ants", "bees"):
+            dst = repo / "data/mini" / split / cls
+            dst.mkdir(parents=True)
+            for f in sorted((ROOT / "data/hymenoptera" / split / cls).glob("*.jpg"))[:n]:
+                shutil.copy(f, dst)
+    set_params(repo, prepare={"source": "data/mini"},
+               train={"lp_steps": 100, "ft_epochs": 1, "batch_size": 8, "select": "best"},
+               orchestrate={"retries": 0})
+    sh(repo, "git", "init", "-q")
+    out = sh(repo, "dvc", "repro").stdout
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "reproduced")
+    return repo, out
+
+
+@pytest.fixture
+def clone(reproduced, tmp_path):
+    """A private copy of the reproduced repo (git history, DVC cache and outputs included)."""
+    return Path(shutil.copytree(reproduced[0], tmp_path / "repo", symlinks=True))

@@ -1,93 +1,71 @@
 """End to end: the real `dvc repro` of this project on a reduced config, with the real pretrained weights."""
 import csv
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import ROOT, project_copy
+from tests.conftest import MINI, set_params, sh
 
 pytestmark = pytest.mark.slow
-PER_CLASS = {"train": 8, "val": 6}
+GIT = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
 
 
-def sh(cwd, *cmd):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stdout + r.stderr
-
-
-def set_params(repo, **sections):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in sections.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A git clone-like copy of the project whose default data is a few shipped photos per class."""
-    repo = project_copy(tmp_path_factory.mktemp("e2e"))
-    shutil.rmtree(repo / "outputs", ignore_errors=True)
-    (repo / "dvc.lock").unlink(missing_ok=True)
-    for split, n in PER_CLASS.items():
-        for cls in ("ants", "bees"):
-            src = sorted((ROOT / "data/hymenoptera" / split / cls).glob("*.jpg"))[:n]
-            dst = repo / "data/mini" / split / cls
-            dst.mkdir(parents=True)
-            for f in src:
-                shutil.copy(f, dst)
-    set_params(repo, prepare={"source": "data/mini"},
-               train={"lp_views": 1, "lp_steps": 100, "ft_epochs": 1, "batch_size": 8})
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
-    return repo
-
-
-def test_repro_builds_a_verified_model_and_caches_it(repo):
-    out = sh(repo, "dvc", "repro")
-    for stage in ("prepare", "train", "export", "evaluate"):
+def test_repro_builds_a_verified_model_and_caches_it(reproduced):
+    repo, out = reproduced
+    for stage in ("prepare", "validate", "train", "export", "evaluate"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
-    assert metrics["val_images"] == 2 * PER_CLASS["val"]
+    assert metrics["val_images"] == 2 * MINI["val"]
     assert metrics["pytorch"]["accuracy"] >= 0.75          # real ImageNet features: ants vs bees is easy
     assert metrics["onnx"]["accuracy"] == metrics["pytorch"]["accuracy"] and metrics["onnx_agreement"] == 1.0
     parity = json.loads((repo / "outputs/export/parity.json").read_text())
     assert parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-3
     rows = list(csv.DictReader(open(repo / "outputs/prepare/manifest.csv")))
     assert {r["split"] for r in rows} == {"train", "holdout", "val"}
-    assert "Data and pipelines are up to date" in sh(repo, "dvc", "repro")
-    shown = sh(repo, "dvc", "metrics", "show", "--json")
+    assert json.loads((repo / "outputs/validate/summary.json").read_text())["success"] is True
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "repro").stdout
+    shown = sh(repo, "dvc", "metrics", "show", "--json").stdout
     assert '"accuracy"' in shown and "top1_agreement" in shown
 
 
-def test_changing_a_train_param_reruns_train_not_prepare(repo):
-    set_params(repo, train={"lp_steps": 90})
-    status = json.loads(sh(repo, "dvc", "status", "--json"))
-    assert "train" in status and "prepare" not in status
-    out = sh(repo, "dvc", "repro")
+def test_changing_a_train_param_reruns_train_not_prepare(clone):
+    set_params(clone, train={"lp_steps": 90})
+    status = json.loads(sh(clone, "dvc", "status", "--json").stdout)
+    assert "train" in status and "prepare" not in status and "validate" not in status
+    out = sh(clone, "dvc", "repro").stdout
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Running stage 'train'" in out
 
 
-def test_data_that_breaks_the_contract_stops_before_train(repo):
-    model = (repo / "outputs/train/model.pt").read_bytes()
-    metrics = (repo / "outputs/evaluate/metrics.json").read_text()
-    for f in sorted((repo / "data/mini/val/bees").glob("*.jpg"))[1:]:
+def test_data_that_breaks_the_contract_stops_before_train(clone):
+    model = (clone / "outputs/train/model.pt").read_bytes()
+    metrics = (clone / "outputs/evaluate/metrics.json").read_text()
+    for f in sorted((clone / "data/mini/val/bees").glob("*.jpg"))[1:]:
         f.unlink()                                              # one val bee left: under min_per_class
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    r = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, env=env)
+    r = sh(clone, "dvc", "repro", check=False)
     assert r.returncode != 0
     assert "validation failed" in r.stderr and "classes.val expect_column_values_to_be_between" in r.stderr
     assert "outputs/validate/docs/index.html" in r.stderr and "Running stage 'train'" not in r.stdout
-    docs = (repo / "outputs/validate/docs/index.html").read_text()
-    assert "classes" in docs
-    assert (repo / "outputs/train/model.pt").read_bytes() == model
-    assert (repo / "outputs/evaluate/metrics.json").read_text() == metrics
+    assert "classes" in (clone / "outputs/validate/docs/index.html").read_text()
+    assert (clone / "outputs/train/model.pt").read_bytes() == model
+    assert (clone / "outputs/evaluate/metrics.json").read_text() == metrics
+
+
+def test_a_past_experiment_comes_back_exactly(clone):
+    """Two committed experiments; checking out the first restores its model, and rebuilding it gives
+    the same bytes (DVC finds every output equal to the recorded hash) and the same metrics."""
+    first_lock = (clone / "dvc.lock").read_text()
+    first_metrics = (clone / "outputs/evaluate/metrics.json").read_text()
+    set_params(clone, train={"strategy": "linear_probe"})
+    sh(clone, "dvc", "repro")
+    sh(clone, "git", "add", "-A")
+    sh(clone, *GIT, "commit", "-qm", "experiment 2: linear probe")
+    assert (clone / "dvc.lock").read_text() != first_lock
+    sh(clone, "git", "checkout", "-q", "HEAD~1")
+    sh(clone, "dvc", "checkout")
+    assert "Data and pipelines are up to date" in sh(clone, "dvc", "repro").stdout   # exact model restored
+    assert (clone / "outputs/evaluate/metrics.json").read_text() == first_metrics
+    sh(clone, "dvc", "repro", "--force", "train")                # retrain from scratch...
+    sh(clone, "dvc", "repro")
+    assert (clone / "dvc.lock").read_text() == first_lock       # ...to the same bytes, hash for hash
+    assert (clone / "outputs/evaluate/metrics.json").read_text() == first_metrics

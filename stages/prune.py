@@ -1,0 +1,149 @@
+"""prune: remove whole channels from the trained checkpoint (torch-pruning), then a short recovery fine-tune.
+
+Structured pruning shrinks every tensor, so the smaller network runs faster anywhere, ONNX Runtime included;
+torch-pruning's dependency graph keeps residual adds, depthwise convs and the classifier's input consistent.
+`ratio` is per-layer channel sparsity: parameters and MACs fall roughly as (1 - ratio)^2 (0.25 -> ~0.56x).
+Recovery reuses `stages.train.finetune` and, like training, selects on holdout; val is never seen here.
+The checkpoint is train's format plus `pruning`: the pruned widths, which `load_model` needs to rebuild it.
+"""
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from stages import backbones, presets, train
+from stages.config import UserError, atomic_text, atomic_write, cli, load_section, stage_device
+from stages.prepare import read_manifest
+
+IMPORTANCES = {
+    "magnitude": lambda: tp.importance.MagnitudeImportance(p=2),   # L2 norm of each channel group's weights
+    "lamp": lambda: tp.importance.LAMPImportance(p=2),
+    "fpgm": lambda: tp.importance.FPGMImportance(p=2),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(),
+}
+# Module attributes that carry a width: set from the checkpoint before its (smaller) tensors are loaded.
+WIDTHS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    ratio: float = 0.25             # channels removed per layer, 0..1 (the classifier's outputs never)
+    importance: str = "magnitude"   # magnitude | lamp | fpgm | bn_scale: which channels go
+    round_to: int = 8               # keep widths multiples of this (SIMD-friendly); 0: off
+    epochs: int = 2                 # recovery fine-tune epochs; 0: none
+    lr: float = 1e-3                # head, during recovery
+    backbone_lr: float = 1e-4       # body, during recovery
+    seed: int = 0
+
+    def __post_init__(self):
+        get_importance(self.importance)
+        if not 0 <= self.ratio < 1:
+            raise UserError(f"prune.ratio must be in [0, 1), not {self.ratio}")
+
+
+def get_importance(name):
+    if name not in IMPORTANCES:
+        raise UserError(f"prune.importance '{name}' is not one of {', '.join(IMPORTANCES)}")
+    return IMPORTANCES[name]()
+
+
+def prune(model, input_size, p):
+    """Prune `model` in place at `p.ratio`, never the classifier's outputs; (MACs, params) before and after."""
+    x = torch.zeros(1, 3, input_size, input_size)
+    before = tp.utils.count_ops_and_params(model, x)
+    pruner = tp.pruner.MetaPruner(model.eval(), x, get_importance(p.importance), pruning_ratio=p.ratio,
+                                  ignored_layers=[model.head], round_to=p.round_to or None)
+    pruner.step()
+    return before, tp.utils.count_ops_and_params(model, x)
+
+
+def widths(model):
+    """{module name: {width attribute: value}} for every module that has one."""
+    return {n: {a: getattr(m, a) for a in WIDTHS if isinstance(getattr(m, a, None), int)}
+            for n, m in model.named_modules() if any(isinstance(getattr(m, a, None), int) for a in WIDTHS)}
+
+
+def rebuild(model, state, shapes):
+    """Shrink an unpruned `model` to the widths `shapes` and the tensors of `state`, then load `state`."""
+    for name, m in model.named_modules():
+        for a, v in shapes.get(name, {}).items():
+            setattr(m, a, v)
+        for kind in ("_parameters", "_buffers"):
+            for key, t in getattr(m, kind).items():
+                saved = state.get(f"{name}.{key}" if name else key)
+                if t is not None and saved is not None and saved.shape != t.shape:
+                    new = torch.empty_like(saved)
+                    getattr(m, kind)[key] = nn.Parameter(new, t.requires_grad) if kind == "_parameters" else new
+    model.load_state_dict(state)
+    return model
+
+
+def load_model(path):
+    """(model in eval mode, class names, Preprocessing) from a pruned checkpoint, or from train's own."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "pruning" not in ckpt:
+        return train.load_model(path)
+    model, _ = backbones.create(ckpt["backbone"], "none", len(ckpt["classes"]), ckpt["dropout"])
+    rebuild(model, ckpt["model"], ckpt["pruning"]["widths"])
+    return model.eval(), ckpt["classes"], presets.Preprocessing.from_json(ckpt["preprocessing"])
+
+
+def holdout_score(model, batches, device):
+    """(accuracy, -loss) on holdout: the order `train.finetune` selects by."""
+    return train.holdout_score(*train.predict(model, batches, device))
+
+
+def run(checkpoint, manifest, out_dir, p, device="cpu"):
+    """Prune the checkpoint, recover on train (selecting on holdout); write model.pt and report.json."""
+    torch.manual_seed(p.seed)
+    model, classes, pp = train.load_model(checkpoint)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    train_rows, _ = read_manifest(manifest, {"train"})
+    hold_rows, _ = read_manifest(manifest, {"holdout"})
+    if not train_rows or not hold_rows:
+        raise UserError(f"{manifest}: prune needs images in both the train and holdout splits")
+    hold = train.loader(hold_rows, classes, presets.eval_transform(pp), 32, column="cached")
+    acc = {"before": holdout_score(model.to(device), hold, device)[0]}
+    (macs0, params0), (macs1, params1) = prune(model.cpu(), pp.input_size, p)
+    pruned = holdout_score(model.to(device), hold, device)
+    acc["pruned"] = pruned[0]
+    history, t0 = [], time.perf_counter()
+    if p.epochs:
+        known = {f.name for f in dataclasses.fields(train.Params)}
+        tp_ = dataclasses.replace(train.Params(**{k: v for k, v in ckpt["params"].items() if k in known}),
+                                  ft_epochs=p.epochs, ft_lr=p.lr, ft_backbone_lr=p.backbone_lr, select="best",
+                                  patience=0, seed=p.seed)
+        # "best" against the pruned score: recovery that does not help on holdout is not kept
+        train.finetune(model, train_rows, hold_rows, classes, pp, tp_, device, pruned, history)
+    acc["recovered"] = holdout_score(model, hold, device)[0]
+    model.cpu()
+    out = {**ckpt, "model": {k: v.cpu() for k, v in model.state_dict().items()},
+           "pruning": {"widths": widths(model), "params": dataclasses.asdict(p)}}
+    atomic_write(Path(out_dir) / "model.pt", lambda tmp: torch.save(out, tmp))
+    report = {"ratio": p.ratio, "importance": p.importance, "params_before": int(params0),
+              "params_after": int(params1), "params_kept": round(params1 / params0, 4), "macs_before": int(macs0),
+              "macs_after": int(macs1), "macs_kept": round(macs1 / macs0, 4),
+              **{f"holdout_acc_{k}": v for k, v in acc.items()},
+              "recovery_seconds": round(time.perf_counter() - t0, 1), "recovery": history}
+    atomic_text(Path(out_dir) / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for a in ("--checkpoint", "--manifest", "--out"):
+        ap.add_argument(a, required=True)
+    args = ap.parse_args()
+    r = run(args.checkpoint, args.manifest, args.out, load_section(Params, "prune"), stage_device("prune"))
+    print(f"prune: params {r['params_before']:,} -> {r['params_after']:,} ({r['params_kept']:.0%}), MACs "
+          f"{r['macs_before']:,} -> {r['macs_after']:,} ({r['macs_kept']:.0%}); holdout accuracy "
+          f"{r['holdout_acc_before']} -> {r['holdout_acc_pruned']} pruned -> {r['holdout_acc_recovered']} recovered")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,120 @@
+"""The Prefect flow against a real Prefect server on loopback: cached stages, the data gate, the schedule."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from flows.pipeline import stage_order
+from tests.conftest import ROOT, sh
+
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real `prefect server start` (SQLite) for the whole test session: it takes 20 s or more to start."""
+    home = tmp_path_factory.mktemp("prefect")
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}   # schedule runs within seconds
+    proc = subprocess.run([sys.executable, "-m", "flows.server"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield env
+    os.kill(int((home / "server.pid").read_text()), signal.SIGTERM)
+
+
+def api(env, method, path, **kw):
+    r = httpx.request(method, env["PREFECT_API_URL"] + path, timeout=30, **kw)
+    r.raise_for_status()
+    return r.json()
+
+
+def run_flow(repo, env):
+    return subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=repo, capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(repo),
+                               "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"})
+
+
+def task_states(env, flow_run_id):
+    runs = api(env, "POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return {r["name"]: r["state"]["name"] for r in runs}
+
+
+def last_flow_run(env):
+    return api(env, "POST", "/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1})[0]
+
+
+def test_stage_order_comes_from_dvc():
+    assert stage_order(ROOT) == ["prepare", "validate", "train", "export", "evaluate"]
+
+
+def test_an_up_to_date_pipeline_runs_as_cached_tasks(clone, server):
+    t0 = time.perf_counter()
+    r = run_flow(clone, server)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seconds = time.perf_counter() - t0
+    run = last_flow_run(server)
+    assert run["state"]["type"] == "COMPLETED"
+    assert task_states(server, run["id"]) == {s: "Cached" for s in stage_order(clone)}
+    print(f"flow with every stage cached: {seconds:.1f} s")
+
+
+def test_failing_data_stops_the_flow_before_train(clone, server):
+    model = (clone / "outputs/train/model.pt").read_bytes()
+    for f in sorted((clone / "data/mini/val/bees").glob("*.jpg"))[1:]:
+        f.unlink()
+    r = run_flow(clone, server)
+    assert r.returncode != 0
+    assert "validation failed" in r.stdout + r.stderr and "docs/index.html" in r.stdout + r.stderr
+    run = last_flow_run(server)
+    assert run["state"]["type"] == "FAILED"
+    states = task_states(server, run["id"])
+    assert states["prepare"] == "Completed" and states["validate"] == "Failed"
+    assert "train" not in states                              # never started
+    assert "no orchestrate.webhook set to notify" in r.stdout + r.stderr
+    assert (clone / "outputs/train/model.pt").read_bytes() == model
+
+
+def test_scheduled_deployment_runs(clone, server):
+    env = {**server, "PYTHONPATH": str(clone), "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    runner = subprocess.Popen([sys.executable, "-m", "flows.deploy"], cwd=clone, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        deployments = []
+        while not deployments and time.monotonic() < deadline:
+            time.sleep(1)
+            deployments = api(server, "POST", "/deployments/filter",
+                              json={"deployments": {"name": {"any_": ["transfer-pipeline"]}}})
+        assert deployments, "the deployment was not registered"
+        dep = deployments[0]
+        assert dep["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        scheduled = []
+        while not scheduled and time.monotonic() < deadline:
+            time.sleep(1)
+            scheduled = api(server, "POST", "/flow_runs/filter", json={
+                "deployments": {"id": {"any_": [dep["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+        assert scheduled and all(r["expected_start_time"][11:16] == "03:00" for r in scheduled)
+        run = api(server, "POST", f"/deployments/{dep['id']}/create_flow_run", json={})
+        state = None
+        while state not in ("COMPLETED", "FAILED", "CRASHED") and time.monotonic() < deadline + 120:
+            time.sleep(2)
+            state = api(server, "GET", f"/flow_runs/{run['id']}")["state"]["type"]
+        assert state == "COMPLETED"
+        assert set(task_states(server, run["id"]).values()) == {"Cached"}
+    finally:
+        runner.terminate()
+        runner.wait(timeout=30)
