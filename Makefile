@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test flow deploy
+.PHONY: setup run test flow deploy serve predict-folder
 setup: $(STAMP)
 
 # Re-installs only when requirements.txt changes; the machine's pip config prints noise about absent mirrors.
@@ -32,3 +32,11 @@ flow: $(STAMP)
 deploy: $(STAMP)
 	python -m flows.server
 	python -m flows.deploy
+
+# Serving the deploy model the pipeline chose (see serve/); IMAGES=folder OUT=file.csv for predict-folder.
+CARD := outputs/deploy/card.json
+serve: $(STAMP)
+	python -m serve.app --card $(CARD)
+
+predict-folder: $(STAMP)
+	python -m serve.predict_folder --card $(CARD) --images $(IMAGES) --out $(OUT)

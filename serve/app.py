@@ -17,6 +17,7 @@ import sys
 import time
 
 import prometheus_client as prom
+import uvicorn
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
@@ -179,7 +180,11 @@ def create_app(card_path, p):
             raise InputError(401, "unauthorized", "missing or wrong X-API-Key header")
         if not batcher.running:
             raise InputError(503, "not_ready", "the model is not serving (starting or stopping)")
-        images = await read_images(request, p)
+        try:
+            async with asyncio.timeout(p.read_timeout_s):
+                images = await read_images(request, p)
+        except TimeoutError:
+            raise InputError(408, "read_timeout", f"the body took over {p.read_timeout_s} s to arrive") from None
         names = [name for name, _ in images]
         arrays = await asyncio.gather(*(prepare(i, n, d) for i, (n, d) in enumerate(images)))
         del images
@@ -234,8 +239,6 @@ def create_app(card_path, p):
 
 def serve(card_path, p):
     """Run the service until interrupted."""
-    import uvicorn
-
     uvicorn.run(create_app(card_path, p), host=p.host, port=p.port, limit_concurrency=p.max_connections,
                 timeout_graceful_shutdown=10, server_header=False)
 

@@ -32,14 +32,16 @@ class Params:
     max_images: int = 16              # per request
     max_pixels: int = 40_000_000      # per image, read from its header before decoding (~120 MB as RGB)
     max_connections: int = 64         # beyond it, 503: with max_body_bytes it bounds the memory held by bodies
+    read_timeout_s: float = 30.0      # to receive a whole body: a slow client cannot hold a connection forever
 
     def __post_init__(self):
         for name in ("max_batch_size", "threads", "decode_threads", "top_k", "max_body_bytes", "max_images",
                      "max_pixels", "max_connections"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, not {self.max_wait_ms}")
+        if self.max_wait_ms < 0 or self.read_timeout_s <= 0:
+            raise ValueError(f"max_wait_ms must be >= 0 and read_timeout_s > 0, not {self.max_wait_ms} and "
+                             f"{self.read_timeout_s}")
 
 
 class InputError(Exception):
@@ -85,7 +87,7 @@ class Model:
 
     def __init__(self, card_path, threads):
         self.card = read_card(card_path)
-        self.sess = export.session(self.card["model"], threads)
+        self.sess = export.session(self.card["model"], threads, spinning=False)   # decoders share the cores
         try:
             self.classes, self.pp = export.metadata(self.sess)
         except KeyError as e:

@@ -41,10 +41,13 @@ def to_onnx(model, classes, pp, path, extra=None):
     onnx.save(m, str(path))
 
 
-def session(path, threads=0):
-    """An ONNX Runtime CPU session; `threads` 0 lets ONNX Runtime choose."""
+def session(path, threads=0, spinning=True):
+    """An ONNX Runtime CPU session; `threads` 0 lets ONNX Runtime choose. A server that also decodes
+    images turns `spinning` off: idle ORT threads would busy-wait on the cores the decoders need."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -31,7 +31,8 @@ from stages import export, prepare, presets, train
 from stages.config import UserError
 from tests.conftest import COLORS, ROOT, TINY, make_image
 
-PARAMS = Params(max_batch_size=8, threads=1, max_body_bytes=200_000, max_images=4, max_pixels=1_000_000)
+PARAMS = Params(max_batch_size=8, threads=1, max_body_bytes=200_000, max_images=4, max_pixels=1_000_000,
+                read_timeout_s=2.0)
 
 
 def write_card(path, model, **fields):
@@ -177,9 +178,11 @@ def png_header(width, height):
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
-def chunked(data, size=16_384):
-    """A body of unknown length (chunked transfer encoding, no Content-Length)."""
+def chunked(data, size=16_384, pause=0.0):
+    """A body of unknown length (chunked transfer encoding, no Content-Length), with pauses between chunks."""
     for i in range(0, len(data), size):
+        if i:
+            time.sleep(pause)
         yield data[i:i + size]
 
 
@@ -195,6 +198,8 @@ BAD = {  # name: (request kwargs, status, error kind, words in the detail)
                                              413, "body_too_large", f"limit is {PARAMS.max_body_bytes:,}"),
     "body over the limit (streamed)": (dict(content=chunked(TOO_BIG), headers={"content-type": "image/png"}),
                                        413, "body_too_large", "passed the limit"),
+    "body too slow": (dict(content=chunked(PNG, len(PNG) // 2 + 1, pause=3), headers={"content-type": "image/png"}),
+                      408, "read_timeout", "over 2.0 s"),
     "decompression bomb": (dict(content=png_header(2000, 2000), headers={"content-type": "image/png"}),
                            413, "image_too_large", "2000x2000 = 4,000,000 pixels"),
     "bomb past PIL's own limit": (dict(content=png_header(100_000, 100_000), headers={"content-type": "image/png"}),

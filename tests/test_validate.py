@@ -100,10 +100,11 @@ CASES = {
                   "expect_column_max_to_be_between", "classes.train_ratio",
                   ("train_ratio", "less than or equal to 3.0")),
     "sha256 shared by train and val": (lambda: changed(0, sha256=rows()[20]["sha256"]),
-                                       "expect_column_values_to_be_unique", "images.sha256",
-                                       ("sha256", "values must be unique")),
-    "phash shared": (lambda: changed(3, phash=rows()[21]["phash"]), "expect_column_values_to_be_unique",
-                     "images.phash", ("phash", "values must be unique")),
+                                       "expect_column_values_to_be_between", "images.sha256_splits",
+                                       ("sha256_splits", "less than or equal to 1")),
+    "phash shared by train and val": (lambda: changed(3, phash=rows()[21]["phash"]),
+                                      "expect_column_values_to_be_between", "images.phash_splits",
+                                      ("phash_splits", "less than or equal to 1")),
     "width under min_side": (lambda: changed(1, width=10), "expect_column_values_to_be_between",
                              "images.width", ("width", "greater than or equal to 32")),
 }
@@ -155,3 +156,9 @@ def test_the_cli_exits_2_with_one_error_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: validation failed") and "images.width" in lines[0]
     assert (tmp_path / "v" / "docs" / "index.html").is_file()
+
+
+def test_duplicates_kept_within_one_split_pass(tmp_path):
+    """prepare.rules may keep duplicates; only the same content in two splits breaks the contract."""
+    data = changed(0, sha256=rows()[1]["sha256"], phash=rows()[1]["phash"])      # both in train
+    assert validate.run(write(tmp_path, data), tmp_path / "v", PARAMS)["success"] is True

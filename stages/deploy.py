@@ -1,0 +1,291 @@
+"""deploy: the model to ship, chosen accuracy-aware: the fastest variant within an accuracy budget.
+
+Variants, all scored on the untouched val split against the PyTorch eager FP32 checkpoint: ONNX FP32 (export's
+file), its static INT8, the pruned checkpoint as ONNX FP32, and that one's INT8. An INT8 variant tries the
+`tries` settings in turn and keeps the first whose holdout top-1 agrees with its own FP32 source to
+`min_agreement` (no labels needed; val stays untouched); when none does, the layers that lose the most are
+reported and the `exclude_worst` of them stay FP32 in one last try. Timing: batch-1 latency and batch
+throughput of every variant in one process, interleaved round by round, at `threads` threads (PyTorch too).
+"""
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from stages import presets, prune, quantize  # noqa: E402
+from stages.config import UserError, atomic_dir, cli, load_section  # noqa: E402
+from stages.evaluate import scores  # noqa: E402
+from stages.export import parity, predict_onnx, session, to_onnx  # noqa: E402
+from stages.prepare import read_manifest  # noqa: E402
+from stages.train import load_model, loader, predict  # noqa: E402
+
+BASELINE, FALLBACK = "pytorch_fp32", "onnx_fp32"
+SOURCES = {"onnx_int8": "onnx_fp32", "pruned_int8": "pruned_fp32"}   # INT8 variant -> the FP32 it quantizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    max_accuracy_drop: float = 0.005   # val accuracy below the PyTorch FP32 model's, fraction
+    min_agreement: float = 0.99        # val top-1 agreement with the PyTorch FP32 model
+    min_speedup: float = 1.1           # batch-1 speed-up over ONNX FP32 a variant needs to replace it
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    budget: dict = dataclasses.field(default_factory=dict)   # Budget's fields
+    threads: int = 2                   # intra-op threads, ONNX Runtime and PyTorch alike
+    batch_size: int = 32               # throughput batch; also the scoring batch
+    warmup: int = 3                    # untimed runs per variant and batch size
+    rounds: int = 5                    # interleaved rounds over all variants
+    repeats: int = 20                  # timed batch-1 runs per variant per round
+    batch_repeats: int = 2             # timed full-batch runs per variant per round
+    int8: dict = dataclasses.field(default_factory=dict)   # quantize.Settings' fields
+    tries: tuple = ({},)               # overrides of `int8`, tried in turn
+    exclude_worst: int = 5             # when every try fails: leave this many worst layers in FP32, once more
+    diagnose_images: int = 8           # holdout images for the per-layer diagnosis
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.budget, Budget):
+            try:
+                object.__setattr__(self, "budget", Budget(**self.budget))
+            except TypeError as e:
+                raise UserError(f"deploy.budget: {e}") from None
+        object.__setattr__(self, "tries", tuple(self.tries) or ({},))
+        for t in self.tries:
+            quantize.settings(self.int8, t)    # a misspelt key or value fails before any work
+
+
+def select(variants, budget):
+    """(chosen name, {name: reason}): the ONNX variant with the lowest batch-1 median latency that keeps
+    the budget against `pytorch_fp32`; only `onnx_fp32` needs no speed-up. Plain dicts with `accuracy`,
+    `agreement` and `latency_ms_p50` in, so it serves pytest as well as `run`."""
+    b = budget if isinstance(budget, Budget) else Budget(**budget)
+    base, fb = variants[BASELINE], variants[FALLBACK]
+    reasons, ok = {BASELINE: "baseline: PyTorch eager, not an ONNX file"}, []
+    for name, v in variants.items():
+        if name == BASELINE:
+            continue
+        drop, speed = base["accuracy"] - v["accuracy"], fb["latency_ms_p50"] / v["latency_ms_p50"]
+        why = [f"agreement {v['agreement']:.4f} < {b.min_agreement}"] if v["agreement"] < b.min_agreement else []
+        why += [f"accuracy drop {drop:.4f} > {b.max_accuracy_drop}"] if drop > b.max_accuracy_drop + 1e-9 else []
+        if why:
+            reasons[name] = "over budget: " + "; ".join(why)
+        elif name != FALLBACK and speed < b.min_speedup:
+            reasons[name] = f"not faster: {speed:.2f}x {FALLBACK} at batch 1 (needs {b.min_speedup}x)"
+        else:
+            ok.append(name)
+    if FALLBACK not in ok:
+        raise UserError(f"even {FALLBACK} misses the budget ({reasons[FALLBACK]}): ONNX Runtime and PyTorch "
+                        "disagree; check the export stage's parity")
+    chosen = min(ok, key=lambda n: variants[n]["latency_ms_p50"])
+    for name in ok:
+        reasons[name] = f"within budget, slower than {chosen}"
+    reasons[chosen] = (f"chosen: fastest within budget, "
+                       f"{base['latency_ms_p50'] / variants[chosen]['latency_ms_p50']:.2f}x {BASELINE} at batch 1")
+    if chosen == FALLBACK and len(variants) > 2:
+        reasons[FALLBACK] = "chosen: fallback, no faster variant within budget"
+    return chosen, reasons
+
+
+def bench(runners, x1, xb, p):
+    """Per variant: batch-1 latency (ms) and full-batch throughput (images/s), interleaved by round."""
+    names, lat, thr = list(runners), {n: [] for n in runners}, {n: [] for n in runners}
+    for n in names:
+        for _ in range(p.warmup):
+            runners[n](x1), runners[n](xb)
+    for r in range(p.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:   # rotated: no variant always goes first
+            for _ in range(p.repeats):
+                t = time.perf_counter()
+                runners[n](x1)
+                lat[n].append((time.perf_counter() - t) * 1e3)
+            for _ in range(p.batch_repeats):
+                t = time.perf_counter()
+                runners[n](xb)
+                thr[n].append(len(xb) / (time.perf_counter() - t))
+    r2 = lambda v: round(float(v), 2)  # noqa: E731
+    return {n: {"latency_ms_p50": r2(np.median(lat[n])), "latency_ms_p99": r2(np.percentile(lat[n], 99)),
+                "latency_ms_min": r2(min(lat[n])), "latency_ms_max": r2(max(lat[n])),
+                "throughput_b1": r2(1e3 / np.median(lat[n])), f"throughput_b{len(xb)}": r2(np.median(thr[n])),
+                f"throughput_b{len(xb)}_min": r2(min(thr[n])), f"throughput_b{len(xb)}_max": r2(max(thr[n]))}
+            for n in names}
+
+
+def git_rev():
+    r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def tensors(rows, classes, pp, batch_size):
+    """Decoded, preprocessed (x, y) batches, kept in memory: every variant reads the same inputs."""
+    return list(loader(rows, classes, presets.eval_transform(pp), batch_size))
+
+
+def score(logits, labels, ref, classes):
+    """A variant's accuracy, per-class recall deltas and parity against the reference logits `ref`."""
+    s, r = scores(logits.argmax(1), labels, classes), scores(ref.argmax(1), labels, classes)
+    par = parity(ref, logits)
+    return {"accuracy": s["accuracy"], "accuracy_drop": round(r["accuracy"] - s["accuracy"], 4),
+            "agreement": par["top1_agreement"], "max_logit_diff": round(par["max_abs_logit_diff"], 6),
+            **{f"recall_delta_{c}": round(s["per_class"][c]["recall"] - r["per_class"][c]["recall"], 4)
+               for c in classes}}
+
+
+def variants(checkpoint, onnx_path, pruned, work, cal_rows, cal_x, hold, p):
+    """{name: file} of every variant, and {INT8 name: its quantize.search record}."""
+    files, int8 = {BASELINE: Path(checkpoint), FALLBACK: Path(onnx_path)}, {}
+    if pruned:
+        model, classes, pp = prune.load_model(pruned)
+        ckpt = torch.load(pruned, map_location="cpu", weights_only=True)
+        files["pruned_fp32"] = work / "pruned_fp32.onnx"
+        to_onnx(model, classes, pp, files["pruned_fp32"],
+                {"backbone": ckpt["backbone"], "params": json.dumps(ckpt["params"])})
+    for n, src in SOURCES.items():
+        if src in files:
+            files[n], int8[n] = quantize.search(n, files[src], work, cal_rows, cal_x, hold, p)
+    return files, int8
+
+
+def measure(model, classes, files, val, p):
+    """The variant table (scores on val against the PyTorch logits; interleaved timings) and the logits."""
+    sessions = {n: session(f, p.threads) for n, f in files.items() if n != BASELINE}
+    before = torch.get_num_threads()
+    torch.set_num_threads(p.threads)
+    try:
+        ref, labels = predict(model, val, "cpu")
+        logits = {BASELINE: ref, **{n: predict_onnx(s, val)[0] for n, s in sessions.items()}}
+
+        def eager(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x))
+
+        runners = {BASELINE: eager, **{n: lambda x, s=s: s.run(None, {"input": x}) for n, s in sessions.items()}}
+        x = val[0][0].numpy()
+        timing = bench(runners, x[:1], np.resize(x, (p.batch_size, *x.shape[1:])), p)
+    finally:
+        torch.set_num_threads(before)
+    base = timing[BASELINE]["latency_ms_p50"]
+    table = {n: {**score(v, labels, ref, classes), **timing[n], "size_mb": round(files[n].stat().st_size / 2**20, 3),
+                 "speedup_b1": round(base / timing[n]["latency_ms_p50"], 2)}
+             for n, v in logits.items()}
+    return table, logits
+
+
+def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
+    """Build, score, time, choose; write model.onnx, card.json, variants.json/.csv, tradeoff.png, report.json."""
+    model, classes, pp = load_model(checkpoint)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    (val, _), (hold, _), (train, _) = (read_manifest(manifest, {s}) for s in ("val", "holdout", "train"))
+    if not val or not hold or not train:
+        raise UserError(f"{manifest}: deploy needs images in the train, holdout and val splits")
+    n_val, val, hold = len(val), tensors(val, classes, pp, p.batch_size), tensors(hold, classes, pp, p.batch_size)
+    cal_rows = quantize.calibration_rows(train, max(quantize.settings(p.int8, t).calibration_size for t in p.tries),
+                                         p.seed)
+    cal_x = torch.cat([x for x, _ in tensors(cal_rows, classes, pp, p.batch_size)]).numpy()
+    with tempfile.TemporaryDirectory(prefix="deploy-") as work:
+        files, int8 = variants(checkpoint, onnx_path, pruned, Path(work), cal_rows, cal_x, hold, p)
+        table, logits = measure(model, classes, files, val, p)
+        chosen, reasons = select(table, p.budget)
+        for n, v in table.items():
+            v.update(within_budget=int(n == chosen or reasons[n].startswith("within")), chosen=int(n == chosen))
+        for n, rec in int8.items():            # what quantization alone costs, against its own FP32 source
+            rec["val_agreement_with_source"] = parity(logits[SOURCES[n]], logits[n])["top1_agreement"]
+            if rec["val_agreement_with_source"] < p.budget.min_agreement and rec["diagnosis"] is None:
+                rec["diagnosis"] = quantize.diagnose(files[SOURCES[n]], files[n], hold,
+                                                     quantize.settings(rec["settings"]), p.diagnose_images,
+                                                     p.exclude_worst)
+        card = {"model": (Path(out_dir) / "model.onnx").as_posix(), "sha256": None, "variant": chosen,
+                "reason": reasons[chosen], "classes": classes, "preprocessing": dataclasses.asdict(pp),
+                "backbone": ckpt["backbone"], "calibration_sha256": int8.get(chosen, {}).get("calibration_sha256"),
+                "quantization": int8.get(chosen, {}).get("settings"), "git_rev": git_rev(),
+                "params": {"train": ckpt["params"], "deploy": dataclasses.asdict(p), "prune": (
+                    torch.load(pruned, weights_only=True)["pruning"]["params"] if "pruned" in chosen else None)},
+                "onnxruntime": ort.__version__,
+                "metrics": {k: table[chosen][k] for k in ("accuracy", "agreement", "latency_ms_p50", "speedup_b1")}}
+        report = {"chosen": chosen, "reasons": reasons, "budget": dataclasses.asdict(p.budget),
+                  "val_images": n_val, "threads": p.threads, "int8": int8,
+                  "calibration_images": [r["sha256"] for r in cal_rows]}
+        card, report = json.loads(json.dumps(card)), json.loads(json.dumps(report))   # tuples as JSON lists
+        write(out_dir, files[chosen], card, table, reasons, report)
+    return card, table, report
+
+
+def write(out_dir, chosen_file, card, table, reasons, report):
+    """The chosen ONNX file with the card's facts in its metadata, then the card (with its SHA-256), the
+    variant table as JSON (for `dvc metrics`) and CSV, the trade-off plot and the selection report."""
+    with atomic_dir(out_dir) as tmp:
+        m = onnx.load(str(chosen_file))
+        card["opset"] = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+        facts = {k: v if isinstance(v, str) else json.dumps(v) for k, v in card.items() if k != "sha256"}
+        props = {e.key: e.value for e in m.metadata_props} | facts
+        del m.metadata_props[:]
+        for k, v in props.items():
+            m.metadata_props.add(key=k, value=v)
+        onnx.save(m, str(tmp / "model.onnx"))
+        card["sha256"] = sha256(tmp / "model.onnx")
+        (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        (tmp / "variants.json").write_text(json.dumps(table, indent=2) + "\n")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        cols = list(next(iter(table.values())))
+        with open(tmp / "variants.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["variant", *cols, "reason"])
+            w.writerows([n, *(v[c] for c in cols), reasons[n]] for n, v in table.items())
+        plot(table, card["variant"], report["budget"], tmp / "tradeoff.png")
+
+
+def plot(table, chosen, budget, path):
+    """Accuracy against batch-1 latency and against file size, one point per variant."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    floor = table[BASELINE]["accuracy"] - budget["max_accuracy_drop"]
+    for ax, key, label in ((axes[0], "latency_ms_p50", "batch-1 latency, median (ms)"),
+                           (axes[1], "size_mb", "file size (MB)")):
+        for n, v in table.items():
+            ax.scatter(v[key], v["accuracy"], marker="*" if n == chosen else "o", s=160 if n == chosen else 50)
+            ax.annotate(n, (v[key], v["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.axhline(floor, ls="--", c="grey", lw=1, label="accuracy budget")
+        ax.set(xlabel=label, xscale="log" if key.startswith("latency") else "linear")
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="val accuracy", title=f"deploy: {chosen} (star)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for a in ("--checkpoint", "--onnx", "--manifest", "--out"):
+        ap.add_argument(a, required=True)
+    ap.add_argument("--pruned", help="a checkpoint written by the prune stage: adds pruned_fp32, pruned_int8")
+    args = ap.parse_args()
+    card, table, _ = run(args.checkpoint, args.onnx, args.pruned, args.manifest, args.out,
+                         load_section(Params, "deploy"))
+    for n, v in table.items():
+        print(f"deploy: {n:<13} accuracy {v['accuracy']:.4f} agreement {v['agreement']:.4f} batch-1 p50 "
+              f"{v['latency_ms_p50']:8.2f} ms ({v['speedup_b1']:.2f}x) {v['size_mb']:7.2f} MB")
+    print(f"deploy: {card['variant']}: {card['reason']}")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,167 @@
+"""Static INT8 (QDQ) quantization helpers for the deploy stage: settings, calibration sample, diagnosis.
+
+On an AVX2 CPU without VNNI, ONNX Runtime's fast path is U8 activations with S8 weights, and `reduce_range`
+(7-bit weights) avoids the saturation of its 8-bit dot products; per-channel U8U8 was 4x slower than FP32
+here (see TRAPS.md). Calibration reads a class-stratified sample of the train split, never holdout or val.
+"""
+import dataclasses
+import hashlib
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_static)
+from onnxruntime.quantization import qdq_loss_debug as qdq
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from stages.config import UserError
+from stages.export import parity, predict_onnx, session
+
+TYPES = {"QInt8": QuantType.QInt8, "QUInt8": QuantType.QUInt8}
+CALIBRATIONS = {"MinMax": CalibrationMethod.MinMax, "Entropy": CalibrationMethod.Entropy,
+                "Percentile": CalibrationMethod.Percentile}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    per_channel: bool = True
+    reduce_range: bool = True          # 7-bit weights: no U8S8 saturation without VNNI
+    activation_type: str = "QUInt8"    # QInt8 | QUInt8
+    weight_type: str = "QInt8"
+    calibrate_method: str = "MinMax"   # MinMax | Entropy | Percentile
+    nodes_to_exclude: tuple = ()       # ONNX node names left in FP32
+    calibration_size: int = 64         # train images, stratified by class
+    preprocess: bool = True            # ONNX Runtime's quant_pre_process (shape inference, graph fusions) first
+
+    def __post_init__(self):
+        for key, allowed in (("activation_type", TYPES), ("weight_type", TYPES),
+                             ("calibrate_method", CALIBRATIONS)):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"deploy int8.{key} '{getattr(self, key)}' is not one of {', '.join(allowed)}")
+        if self.calibration_size < 1:
+            raise UserError(f"deploy int8.calibration_size must be >= 1, not {self.calibration_size}")
+        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+
+
+def settings(*layers):
+    """Settings from dicts applied in turn (the base, then one try's overrides); a misspelt key fails."""
+    known = {f.name for f in dataclasses.fields(Settings)}
+    merged = {}
+    for layer in layers:
+        for key in layer or {}:
+            if key not in known:
+                raise UserError(f"deploy: unknown INT8 setting '{key}'; known: {', '.join(sorted(known))}")
+        merged.update(layer or {})
+    return Settings(**merged)
+
+
+def calibration_rows(rows, n, seed=0):
+    """`n` rows taken round-robin over the classes (each class shuffled with `seed`): a stratified sample."""
+    by_class = {}
+    for r in sorted(rows, key=lambda r: r["sha256"]):
+        by_class.setdefault(r["label"], []).append(r)
+    rng = random.Random(seed)
+    for group in by_class.values():
+        rng.shuffle(group)
+    picked, i = [], 0
+    while len(picked) < min(n, len(rows)):
+        for group in by_class.values():
+            if i < len(group) and len(picked) < n:
+                picked.append(group[i])
+        i += 1
+    return picked
+
+
+def digest(rows):
+    """SHA-256 of the calibration images' own SHA-256s, in the order read: names the calibration set."""
+    return hashlib.sha256("\n".join(r["sha256"] for r in rows).encode()).hexdigest()
+
+
+class Reader(CalibrationDataReader):
+    """Feeds (n, 3, H, W) float32 arrays to the model's `input`."""
+
+    def __init__(self, arrays, name="input"):
+        self.items, self.name = iter(list(arrays)), name
+
+    def get_next(self):
+        x = next(self.items, None)
+        return None if x is None else {self.name: x}
+
+
+def prepared(fp32_path, tmp, s):
+    """The model quantize_static reads: `fp32_path`, or its quant_pre_process'd copy in `tmp`."""
+    if not s.preprocess:
+        return Path(fp32_path)
+    out = Path(tmp) / "prepared.onnx"
+    quant_pre_process(str(fp32_path), str(out))
+    return out
+
+
+def quantize(fp32_path, out_path, arrays, s):
+    """Write the static QDQ INT8 model of `fp32_path`, calibrated on `arrays`, to `out_path`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_static(str(prepared(fp32_path, tmp, s)), str(out_path), Reader(arrays),
+                        quant_format=QuantFormat.QDQ, per_channel=s.per_channel, reduce_range=s.reduce_range,
+                        activation_type=TYPES[s.activation_type], weight_type=TYPES[s.weight_type],
+                        calibrate_method=CALIBRATIONS[s.calibrate_method],
+                        nodes_to_exclude=list(s.nodes_to_exclude) or None)
+    m = onnx.load(str(out_path))              # quantize_static drops the metadata: class names, preprocessing
+    del m.metadata_props[:]
+    m.metadata_props.extend(onnx.load(str(fp32_path)).metadata_props)
+    onnx.save(m, str(out_path))
+
+
+def diagnose(fp32_path, int8_path, batches, s, images=8, top=5):
+    """The layers whose quantization loses the most, worst first: per quantized activation, the SQNR in dB
+    of its own QDQ step (`qdq_db`; low: this quantizer is lossy) and of INT8 against FP32 there
+    (`vs_fp32_db`: the error accumulated so far), with the node producing it (a `nodes_to_exclude` name)."""
+    arrays = [batches[0][0][:images].numpy()]       # one batch of `images` (x, y) batches' first images
+    with tempfile.TemporaryDirectory() as tmp:
+        acts = {}
+        for key, path in (("fp32", prepared(fp32_path, tmp, s)), ("int8", int8_path)):
+            aug = Path(tmp) / f"{key}-outputs.onnx"
+            qdq.modify_model_output_intermediate_tensors(str(path), str(aug))
+            acts[key] = qdq.collect_activations(str(aug), Reader(arrays))
+    match = {t: m for t, m in qdq.create_activation_matching(acts["int8"], acts["fp32"]).items() if "float" in m}
+    errors = qdq.compute_activation_error(match)
+    producers = {o: n for n in onnx.load(str(int8_path)).graph.node for o in n.output}
+    rows = [{"tensor": t, "node": producers[t].name if t in producers else "(graph input)",
+             "op": producers[t].op_type if t in producers else "",
+             "qdq_db": round(float(e["qdq_err"]), 2), "vs_fp32_db": round(float(e["xmodel_err"]), 2)}
+            for t, e in errors.items()]
+    rows.sort(key=lambda r: r["qdq_db"])
+    return {"worst": rows[:top], "layers": len(rows)}
+
+
+def search(name, src, work, cal_rows, cal_x, hold_x, p):
+    """Quantize `src` with `p.int8` updated by each of `p.tries` in turn, until one agrees with `src` on
+    holdout to `p.budget.min_agreement`; if none does, diagnose the best and try it once more with its worst
+    `p.exclude_worst` layers left in FP32. (path of the best try, {kept try, settings, tries, diagnosis})."""
+    ref = predict_onnx(session(src, p.threads), hold_x)[0]
+    tries, log, best, diagnosis = list(p.tries), [], None, None
+    for i in range(len(tries) + 1):
+        if i == len(tries):                # every try failed: one more, the worst layers left in FP32
+            if not p.exclude_worst or diagnosis is not None:
+                break
+            diagnosis = diagnose(src, best[1], hold_x, best[2], p.diagnose_images, p.exclude_worst)
+            nodes = [r["node"] for r in diagnosis["worst"] if r["op"]]
+            tries.append({**tries[log.index(best[0])],
+                          "nodes_to_exclude": list(best[2].nodes_to_exclude) + nodes})
+        s, path, t0 = settings(p.int8, tries[i]), work / f"{name}-try{i}.onnx", time.perf_counter()
+        n = min(s.calibration_size, len(cal_rows))
+        quantize(src, path, np.split(cal_x[:n], range(16, n, 16)), s)
+        logits = predict_onnx(session(path, p.threads), hold_x)[0]
+        log.append({"try": i, "settings": dataclasses.asdict(s), "calibration_sha256": digest(cal_rows[:n]),
+                    "calibration_images": n, **{f"holdout_{k}": v for k, v in parity(ref, logits).items()},
+                    "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"deploy: {name} try {i}: holdout agreement {log[-1]['holdout_top1_agreement']:.4f} ({tries[i]})")
+        if best is None or log[-1]["holdout_top1_agreement"] > best[0]["holdout_top1_agreement"]:
+            best = (log[-1], path, s)
+        if log[-1]["holdout_top1_agreement"] >= p.budget.min_agreement:
+            break
+    return best[1], {"kept_try": best[0]["try"], "calibration_sha256": best[0]["calibration_sha256"],
+                     "settings": best[0]["settings"], "tries": log, "diagnosis": diagnosis}

@@ -1,0 +1,118 @@
+import csv
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from stages import deploy, export, presets, prune, quantize
+from stages.config import UserError
+from stages.prepare import read_manifest
+from stages.train import loader
+
+BUDGET = deploy.Budget(max_accuracy_drop=0.005, min_agreement=0.99, min_speedup=1.1)
+
+
+def table(**int8):
+    """PyTorch 0.90 accurate at 40 ms, ONNX FP32 identical at 10 ms, plus `int8` variants."""
+    return {"pytorch_fp32": dict(accuracy=0.90, agreement=1.0, latency_ms_p50=40.0),
+            "onnx_fp32": dict(accuracy=0.90, agreement=1.0, latency_ms_p50=10.0), **int8}
+
+
+def test_a_faster_variant_within_budget_is_chosen():
+    chosen, why = deploy.select(table(onnx_int8=dict(accuracy=0.899, agreement=0.995, latency_ms_p50=6.0),
+                                      pruned_int8=dict(accuracy=0.90, agreement=0.99, latency_ms_p50=4.0)), BUDGET)
+    assert chosen == "pruned_int8" and why[chosen] == "chosen: fastest within budget, 10.00x pytorch_fp32 at batch 1"
+    assert why["onnx_int8"] == "within budget, slower than pruned_int8"
+    assert why["onnx_fp32"] == "within budget, slower than pruned_int8"
+
+
+@pytest.mark.parametrize("int8, reason", [
+    (dict(accuracy=0.90, agreement=0.97, latency_ms_p50=5.0), "over budget: agreement 0.9700 < 0.99"),
+    (dict(accuracy=0.89, agreement=0.99, latency_ms_p50=5.0), "over budget: accuracy drop 0.0100 > 0.005"),
+    (dict(accuracy=0.90, agreement=1.0, latency_ms_p50=9.8), "not faster: 1.02x onnx_fp32 at batch 1 (needs 1.1x)"),
+])
+def test_int8_over_budget_or_not_faster_falls_back_to_onnx_fp32(int8, reason):
+    chosen, why = deploy.select(table(onnx_int8=int8), dataclasses.asdict(BUDGET))   # a plain dict works too
+    assert chosen == "onnx_fp32" and why["onnx_fp32"] == "chosen: fallback, no faster variant within budget"
+    assert why["onnx_int8"] == reason and why["pytorch_fp32"].startswith("baseline")
+
+
+def test_no_fallback_within_budget_is_an_error():
+    with pytest.raises(UserError, match="even onnx_fp32 misses the budget"):
+        deploy.select(table(), dataclasses.replace(BUDGET, min_agreement=1.01))
+
+
+def test_calibration_sample_is_stratified_deterministic_and_named_by_its_hashes():
+    rows = [{"label": c, "sha256": f"{c}{i:03d}"} for c, n in (("a", 30), ("b", 6)) for i in range(n)]
+    picked = quantize.calibration_rows(rows, 10, seed=0)
+    assert [r["label"] for r in picked[:12]].count("b") == 5 and len(picked) == 10      # round-robin by class
+    assert picked == quantize.calibration_rows(list(reversed(rows)), 10, seed=0)        # row order does not matter
+    assert quantize.calibration_rows(rows, 4) == picked[:4]                            # a smaller set is a prefix
+    assert quantize.digest(picked) != quantize.digest(quantize.calibration_rows(rows, 10, seed=1))
+    assert quantize.digest(picked) == hashlib.sha256("\n".join(r["sha256"] for r in picked).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("layers, match", [([{"per_chanel": True}], "per_chanel"),
+                                           ([{}, {"calibrate_method": "KL"}], "calibrate_method")])
+def test_bad_int8_settings_fail_with_the_fix(layers, match):
+    with pytest.raises(UserError, match=match):
+        quantize.settings(*layers)
+
+
+FAST = dict(rounds=1, repeats=3, batch_repeats=1, warmup=1, batch_size=8, int8={"calibration_size": 8},
+            tries=({}, {"calibrate_method": "Percentile", "per_channel": False}), exclude_worst=2)
+
+
+def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest, checkpoint):
+    onnx_path = tmp_path / "export" / "model.onnx"
+    export.run(checkpoint, manifest, tmp_path / "export", export.Params(max_logit_diff=1e-3))
+    prune.run(checkpoint, manifest, tmp_path / "prune", prune.Params(ratio=0.5, epochs=0))
+    out = tmp_path / "deploy"
+    p = deploy.Params(**FAST, budget=dict(min_speedup=1000.0))       # nothing is that much faster: the fallback
+    card, variants, report = deploy.run(checkpoint, onnx_path, tmp_path / "prune" / "model.pt", manifest, out, p)
+
+    assert card["variant"] == "onnx_fp32" and card["calibration_sha256"] is None
+    assert json.loads((out / "card.json").read_text()) == card
+    assert card["sha256"] == hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
+    assert card["model"] == (out / "model.onnx").as_posix() and card["git_rev"]
+    meta = {e.key: e.value for e in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert meta["variant"] == "onnx_fp32" and json.loads(meta["classes"]) == card["classes"] == ["blue", "red"]
+    assert json.loads(meta["params"])["deploy"]["budget"]["min_speedup"] == 1000.0 and meta["opset"] == "17"
+    assert export.metadata(export.session(out / "model.onnx"))[0] == ["blue", "red"]   # what the server reads
+
+    names = ["pytorch_fp32", "onnx_fp32", "onnx_int8", "pruned_fp32", "pruned_int8"]
+    assert json.loads((out / "variants.json").read_text()) == variants and sorted(variants) == sorted(names)
+    assert [r["variant"] for r in csv.DictReader(open(out / "variants.csv"))] == list(variants)
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    for n, v in variants.items():
+        assert 0 < v["latency_ms_min"] <= v["latency_ms_p50"] <= v["latency_ms_p99"] <= v["latency_ms_max"]
+        assert v["throughput_b8"] > 0 and v["chosen"] == (n == "onnx_fp32")
+        assert report["reasons"][n].startswith(("baseline", "chosen", "over budget", "not faster"))
+    assert variants["onnx_fp32"]["agreement"] == 1.0 and variants["onnx_fp32"]["max_logit_diff"] < 1e-3
+    assert variants["onnx_int8"]["size_mb"] < variants["onnx_fp32"]["size_mb"]
+    assert variants["pruned_int8"]["size_mb"] < variants["pruned_fp32"]["size_mb"] < variants["onnx_fp32"]["size_mb"]
+    plain = {n: {k: v[k] for k in ("accuracy", "agreement", "latency_ms_p50")} for n, v in variants.items()}
+    assert deploy.select(plain, p.budget) == ("onnx_fp32", report["reasons"])
+
+    train_rows, classes = read_manifest(manifest, {"train"})
+    calibration = quantize.calibration_rows(train_rows, 8)
+    for rec in report["int8"].values():
+        assert rec["tries"][0]["calibration_sha256"] == quantize.digest(calibration)
+        assert rec["tries"][0]["settings"]["calibrate_method"] == "MinMax"
+        assert 0 <= rec["val_agreement_with_source"] <= 1
+
+    # INT8 on its own, on a fixed batch: smaller, metadata kept, and close to FP32. The tiny model is nearly
+    # untrained, so its logits crowd together: allow one flip in 8 and an error of a tenth of the logit range.
+    tf = presets.eval_transform(export.metadata(export.session(onnx_path))[1])
+    x = next(iter(loader(calibration, classes, tf, 8)))[0].numpy()
+    val_rows, _ = read_manifest(manifest, {"val"})
+    v = next(iter(loader(val_rows, classes, tf, 8)))[0].numpy()
+    quantize.quantize(onnx_path, tmp_path / "int8.onnx", [x], quantize.Settings(calibration_size=8))
+    assert (tmp_path / "int8.onnx").stat().st_size < onnx_path.stat().st_size
+    fp32, int8 = (export.session(f).run(None, {"input": v})[0] for f in (onnx_path, tmp_path / "int8.onnx"))
+    assert export.metadata(export.session(tmp_path / "int8.onnx"))[0] == classes
+    assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 7 / 8
+    assert np.abs(fp32 - int8).max() <= 0.1 * (fp32.max() - fp32.min())

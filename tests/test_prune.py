@@ -1,0 +1,54 @@
+import json
+
+import pytest
+import torch
+import torch_pruning as tp
+
+from stages import backbones, export, presets, prune, train
+from stages.config import UserError
+from stages.prepare import read_manifest
+
+
+def test_pruning_shrinks_the_model_which_reloads_safely_and_exports_with_parity(tmp_path, manifest, checkpoint):
+    report = prune.run(checkpoint, manifest, tmp_path / "p", prune.Params(ratio=0.5, epochs=1))
+    assert report["params_after"] < 0.5 * report["params_before"]     # half the channels: ~1/4 of the weights
+    assert report["macs_after"] < 0.5 * report["macs_before"]
+    assert all(0 <= report[f"holdout_acc_{k}"] <= 1 for k in ("before", "pruned", "recovered"))
+    assert [h["phase"] for h in report["recovery"]] == ["finetune"]
+    assert json.loads((tmp_path / "p" / "report.json").read_text()) == report
+
+    ckpt = torch.load(tmp_path / "p" / "model.pt", weights_only=True)   # no pickled code in it
+    assert set(torch.load(checkpoint, weights_only=True)) | {"pruning"} == set(ckpt)
+    model, classes, pp = prune.load_model(tmp_path / "p" / "model.pt")
+    assert classes == ["blue", "red"]
+    x = torch.zeros(1, 3, pp.input_size, pp.input_size)
+    assert tp.utils.count_ops_and_params(model, x) == (report["macs_after"], report["params_after"])
+    with pytest.raises(RuntimeError, match="size mismatch"):            # train's loader cannot read it...
+        train.load_model(tmp_path / "p" / "model.pt")
+    assert sum(p.numel() for p in prune.load_model(checkpoint)[0].parameters()) == report["params_before"]  # ...ours both
+
+    rows, _ = read_manifest(manifest, {"val"})
+    batches = train.loader(rows, classes, presets.eval_transform(pp), 8)
+    export.to_onnx(model, classes, pp, tmp_path / "pruned.onnx")
+    result = export.parity(train.predict(model, batches, "cpu")[0],
+                           export.predict_onnx(export.session(tmp_path / "pruned.onnx"), batches)[0])
+    assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] < 1e-3
+
+
+def test_rebuild_restores_the_exact_pruned_network():
+    torch.manual_seed(0)
+    model, pp = backbones.create("test_efficientnet", "none", 3)
+    prune.prune(model, pp.input_size, prune.Params(ratio=0.3, importance="lamp"))
+    fresh, _ = backbones.create("test_efficientnet", "none", 3)
+    width = fresh.head[1].in_features
+    prune.rebuild(fresh, model.state_dict(), prune.widths(model))
+    x = torch.randn(2, 3, pp.input_size, pp.input_size)
+    assert torch.equal(model.eval()(x), fresh.eval()(x))
+    assert fresh.head[1].in_features == model.head[1].in_features < width  # the classifier's input shrank too
+    assert fresh.head[1].out_features == 3                                # its outputs never
+
+
+@pytest.mark.parametrize("bad, match", [(dict(ratio=1.0), "ratio"), (dict(importance="taylor"), "importance")])
+def test_bad_params_fail_with_the_fix(bad, match):
+    with pytest.raises(UserError, match=match):
+        prune.Params(**bad)
