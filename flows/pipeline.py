@@ -39,7 +39,7 @@ def stage_order(repo="."):
     from dvc.repo import Repo
 
     with Repo(repo) as r:
-        return [s.addressing for s in reversed(list(nx.topological_sort(r.index.graph)))]
+        return [s.name for s in reversed(list(nx.topological_sort(r.index.graph)))]
 
 
 def dvc(*args, cwd="."):
