@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test flow deploy serve predict-folder
+.PHONY: setup run test flow deploy serve predict-folder bench
 setup: $(STAMP)
 
 # Re-installs only when requirements.txt changes; the machine's pip config prints noise about absent mirrors.
@@ -40,3 +40,8 @@ serve: $(STAMP)
 
 predict-folder: $(STAMP)
 	python -m serve.predict_folder --card $(CARD) --images $(IMAGES) --out $(OUT)
+
+# Benchmarks against the classic recipe and the alternatives (about an hour on 2 quiet cores):
+# benchmarks/RESULTS.md. `python -m benchmarks.run --quick --out /tmp/bench` checks the harness in minutes.
+bench: $(STAMP)
+	python -m benchmarks.run --out benchmarks

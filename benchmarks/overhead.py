@@ -55,6 +55,27 @@ def mini_project(dest, source):
     return repo
 
 
+def stop(home):
+    """Stop the server `flows.server.ensure` started (its pid file is in `home`): the whole process group."""
+    pid_file = Path(home) / "server.pid"
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text())        # started in a session of its own: pid == process group id
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):   # subprocess may have reaped its forgotten Popen already
+            os.waitpid(pid, os.WNOHANG)
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def prefect_server(home):
     """(API URL, seconds to start) of a local Prefect server with its own PREFECT_HOME; stopped afterwards."""
@@ -66,22 +87,14 @@ def prefect_server(home):
     try:
         server.ensure(url, timeout=300)
     except SystemExit as e:                     # ensure() exits with a message when the server never answers
+        stop(home)
         raise RuntimeError(str(e.code)) from None
     finally:
         os.environ.pop("PREFECT_HOME") if saved is None else os.environ.update(PREFECT_HOME=saved)
-    start = time.perf_counter() - t
-    pid = int((Path(home) / "server.pid").read_text())
     try:
-        yield url, start
+        yield url, time.perf_counter() - t
     finally:
-        os.killpg(pid, signal.SIGTERM)          # ensure() started it in a session of its own: pid == group id
-        for _ in range(60):
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                break
-            time.sleep(0.5)
-        else:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        stop(home)
 
 
 def last_run_states(url):
@@ -92,26 +105,12 @@ def last_run_states(url):
     return run["state"]["name"], {t["name"]: t["state"]["name"] for t in tasks}
 
 
-def start(repo, work, source=None):
-    """Start the first `dvc repro` on `repo` (with `source`: on a tiny copy of the project that reads it) in the
-    background; it brings every stage up to date before the timed runs. A handle for `run`."""
+def run(repo, work, repeats, source=None):
+    """Part 4 on `repo` (or, with `source`, on a tiny copy of the project that reads it)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    repo = mini_project(work / "project", source) if source else Path(repo)
-    log = work / "bring_up.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, stdout=f, stderr=subprocess.STDOUT, env=venv_env())
-    return {"repo": repo, "proc": proc, "t0": time.perf_counter(), "log": log, "tiny": bool(source)}
-
-
-def run(pending, work, repeats):
-    """Part 4 on the project `start` brought up (an exception from `start` is raised here, as this part's)."""
-    if isinstance(pending, Exception):
-        raise pending
-    repo, work = pending["repo"], Path(work)
-    if pending["proc"].wait():
-        raise RuntimeError(f"dvc repro failed in {repo}: {pending['log'].read_text()[-1500:]}")
-    bring_up = time.perf_counter() - pending["t0"]
+    repo = mini_project(work / "project", source) if source else Path(repo).resolve()
+    _, bring_up = sh(repo, "dvc", "repro")     # not a result: brings every stage up to date before the timed runs
     dvc_s, flow_s, checks = [], [], []
     with prefect_server(work / "prefect") as (url, start):
         for i in range(repeats):
@@ -124,7 +123,7 @@ def run(pending, work, repeats):
             state, tasks = last_run_states(url)
             checks.append(state == "Completed" and set(tasks.values()) == {"Cached"})
             print(f"bench: overhead repeat {i + 1}/{repeats}: dvc repro {dvc_s[-1]:.1f} s, flow {flow_s[-1]:.1f} s")
-    return {"repo": "a tiny copy of the project (--quick)" if pending["tiny"] else str(repo), "repeats": repeats,
+    return {"repo": "a tiny copy of the project (--quick)" if source else str(repo), "repeats": repeats,
             "bring_up_s": round(bring_up, 1), "server_start_s": round(start, 1), "stages": list(tasks),
             "all_cached": all(checks), "dvc_noop_s": spread(dvc_s), "flow_cached_s": spread(flow_s),
             "flow_minus_dvc_s": spread([f - d for f, d in zip(flow_s, dvc_s)]),

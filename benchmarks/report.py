@@ -39,7 +39,8 @@ def headline(parts):
     if "error" not in t:
         c = t["classic"]
         rows.append(("train wall time, classic loop / pipeline", x(t["ratio_wall"]),
-                     f"classic loop, {c['epochs']} epoch(s): {t_(c['wall_s'])} s; pipeline: {t_(t['pipeline']['wall_s'])} s"))
+                     f"classic loop, {c['epochs']} epoch(s): {t_(c['wall_s'])} s; "
+                     f"pipeline: {t_(t['pipeline']['wall_s'])} s"))
         rows.append(("val accuracy, pipeline - classic (final / best epoch)",
                      f"{t['acc_diff_final']:+.4f} / {t['acc_diff_best']:+.4f}",
                      f"pipeline {t['pipeline']['val_acc']['median']:.4f}; classic final {c['final_val_acc']:.4f}, "
@@ -87,9 +88,11 @@ def section_train(t):
              f"epoch (its wall time includes that, as the tutorial's does; training alone: {s3(c['train_only_s'])} s). "
              "Accuracy is of one run per recipe: training is deterministic on the CPU.", "",
              "| classic epoch | train loss | val accuracy | train s | eval s | wall s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {e['epoch']} | {e['train_loss']} | {e['val_acc']:.4f} | {e['train_s']} | {e['eval_s']} | {e['wall_s']} |"
+    lines += [f"| {e['epoch']} | {e['train_loss']} | {e['val_acc']:.4f} | {e['train_s']} | {e['eval_s']} | "
+              f"{e['wall_s']} |"
               for e in c["history"]]
-    lines += ["", "| pipeline phase | epoch | train loss | holdout loss | holdout accuracy | s |", "|---|---|---|---|---|---|"]
+    lines += ["", "| pipeline phase | epoch | train loss | holdout loss | holdout accuracy | s |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {h['phase']} | {h['epoch']} | {h['train_loss']} | {h['holdout_loss']} | {h['holdout_acc']} | "
               f"{h['seconds']} |" for h in p["history"]]
     return lines + ["", "![val accuracy per epoch and against wall time](training.png)"]
@@ -123,14 +126,17 @@ def section_deploy(d):
              f"{d['timing']['repeats']} runs; batch-{d['batch_size']} throughput over {d['timing']['rounds']} x "
              f"{d['timing']['batch_repeats']} runs; pruning: {d['prune']['ratio']} of channels "
              f"({d['prune']['params_kept']:.0%} of parameters, {d['prune']['macs_kept']:.0%} of MACs kept), "
-             f"recovery {d['prune_s']} s; variants built in {d['quantize_s']} s. The deploy rule "
+             f"prune stage (pruning + recovery) {d['prune_s']} s; variants built in {d['quantize_s']} s. "
+             f"The deploy rule "
              f"(budget {d['budget']}) picks **{d['chosen']}**: {d['reasons'].get(d['chosen'], '')}", ""]
     b = f"b{d['batch_size']}"
     for th, table in d["tables"].items():
-        lines += [f"**{th} thread(s)**", "", f"| variant | val accuracy | agreement with PyTorch | size MB | batch-1 p50 ms "
+        lines += [f"**{th} thread(s)**", "",
+                  "| variant | val accuracy | agreement with PyTorch | size MB | batch-1 p50 ms "
                   f"| p99 ms | min / max ms | batch-{d['batch_size']} img/s (min / median / max) | batch-1 speed-up |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {n} | {v['accuracy']:.4f} | {v['agreement']:.4f} | {v['size_mb']:.2f} | {v['latency_ms_p50']:.2f} | "
+        lines += [f"| {n} | {v['accuracy']:.4f} | {v['agreement']:.4f} | {v['size_mb']:.2f} | "
+                  f"{v['latency_ms_p50']:.2f} | "
                   f"{v['latency_ms_p99']:.2f} | {v['latency_ms_min']:.2f} / {v['latency_ms_max']:.2f} | "
                   f"{v[f'throughput_{b}_min']:.1f} / {v[f'throughput_{b}']:.1f} / {v[f'throughput_{b}_max']:.1f} | "
                   f"{v['speedup_b1']:.2f}x |" for n, v in table.items()]
@@ -142,7 +148,7 @@ def section_overhead(o):
     return [f"On {o['repo']}; every repeat runs `dvc repro` then `python -m flows.pipeline`; every stage up to date "
             f"and every flow task Cached in every repeat: {'yes' if o['all_cached'] else '**NO**'} "
             f"(stages: {', '.join(o['stages'])}). Bringing the pipeline up to date first took {o['bring_up_s']} s "
-            + ("(in the background during parts 1-3; " if o["repo"].startswith("a tiny") else "(")
+            + ("(beside parts 1-3 and 5 with --quick; " if o["repo"].startswith("a tiny") else "(")
             + "not part of the figures).", "", "| what | s (min / median / max) |", "|---|---|",
             f"| `dvc repro`, nothing to do | {s3(o['dvc_noop_s'], 2)} |",
             f"| `python -m flows.pipeline`, every stage Cached | {s3(o['flow_cached_s'], 2)} |",
@@ -154,7 +160,8 @@ def section_overhead(o):
 def section_serving(s):
     lines = [f"Model {s['model']}; image {s['image']} ({s['image_bytes']:,} bytes); {s['seconds']} s per phase, "
              f"{s['repeats']} repeat(s); server params {s['params']}; server start {s['server_start_s']} s.", "",
-             "| mode | img/s (min / median / max) | p50 ms | p99 ms | mean batch | errors | requests | / in-process ORT@32 |",
+             "| mode | img/s (min / median / max) | p50 ms | p99 ms | mean batch | errors | requests "
+             "| / in-process ORT@32 |",
              "|---|---|---|---|---|---|---|---|",
              f"| in-process ORT, batch 32 | {s3(s['inprocess']['ort32'])} | | | 32 | | | |",
              f"| in-process decode + ORT, 1 image | {s3(s['inprocess']['e2e1'])} | | | 1 | | | |",
