@@ -3,9 +3,10 @@
 Variants, all scored on the untouched val split against the PyTorch eager FP32 checkpoint: ONNX FP32 (export's
 file), its static INT8, the pruned checkpoint as ONNX FP32, and that one's INT8. An INT8 variant tries the
 `tries` settings in turn and keeps the first whose holdout top-1 agrees with its own FP32 source to
-`min_agreement` (no labels needed; val stays untouched); when none does, the layers that lose the most are
-reported and the `exclude_worst` of them stay FP32 in one last try. Timing: batch-1 latency and batch
-throughput of every variant in one process, interleaved round by round, at `threads` threads (PyTorch too).
+`min_agreement` (no labels needed; val stays untouched). When none does, each module scope is left in FP32
+in turn to find the layers that break it, and the `exclude_worst` worst stay FP32 in one last try. Timing:
+batch-1 latency and batch throughput of every variant in one process, interleaved round by round, at
+`threads` threads (PyTorch too).
 """
 import argparse
 import csv
@@ -55,8 +56,7 @@ class Params:
     batch_repeats: int = 2             # timed full-batch runs per variant per round
     int8: dict = dataclasses.field(default_factory=dict)   # quantize.Settings' fields
     tries: tuple = ({},)               # overrides of `int8`, tried in turn
-    exclude_worst: int = 5             # when every try fails: leave this many worst layers in FP32, once more
-    diagnose_images: int = 8           # holdout images for the per-layer diagnosis
+    exclude_worst: int = 2             # every try failed: once more, this many worst module scopes in FP32
     seed: int = 0
 
     def __post_init__(self):
@@ -185,8 +185,9 @@ def measure(model, classes, files, val, p):
     finally:
         torch.set_num_threads(before)
     base = timing[BASELINE]["latency_ms_p50"]
-    table = {n: {**score(v, labels, ref, classes), **timing[n], "size_mb": round(files[n].stat().st_size / 2**20, 3),
-                 "speedup_b1": round(base / timing[n]["latency_ms_p50"], 2)}
+    table = {n: {**score(v, labels, ref, classes), **timing[n],
+                 "speedup_b1": round(base / timing[n]["latency_ms_p50"], 2),
+                 "size_mb": round(files[n].stat().st_size / 2**20, 3)}
              for n, v in logits.items()}
     return table, logits
 
@@ -199,8 +200,8 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
     if not val or not hold or not train:
         raise UserError(f"{manifest}: deploy needs images in the train, holdout and val splits")
     n_val, val, hold = len(val), tensors(val, classes, pp, p.batch_size), tensors(hold, classes, pp, p.batch_size)
-    cal_rows = quantize.calibration_rows(train, max(quantize.settings(p.int8, t).calibration_size for t in p.tries),
-                                         p.seed)
+    n_cal = max(quantize.settings(p.int8, t).calibration_size for t in p.tries)
+    cal_rows = quantize.calibration_rows(train, n_cal, p.seed)
     cal_x = torch.cat([x for x, _ in tensors(cal_rows, classes, pp, p.batch_size)]).numpy()
     with tempfile.TemporaryDirectory(prefix="deploy-") as work:
         files, int8 = variants(checkpoint, onnx_path, pruned, Path(work), cal_rows, cal_x, hold, p)
@@ -211,8 +212,8 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
         for n, rec in int8.items():            # what quantization alone costs, against its own FP32 source
             rec["val_agreement_with_source"] = parity(logits[SOURCES[n]], logits[n])["top1_agreement"]
             if rec["val_agreement_with_source"] < p.budget.min_agreement and rec["diagnosis"] is None:
-                rec["diagnosis"] = quantize.diagnose(files[SOURCES[n]], files[n], hold,
-                                                     quantize.settings(rec["settings"]), p.diagnose_images,
+                rec["diagnosis"] = quantize.diagnose(files[SOURCES[n]], Path(work), cal_x,
+                                                     quantize.settings(rec["settings"]), hold, p.threads,
                                                      p.exclude_worst)
         card = {"model": (Path(out_dir) / "model.onnx").as_posix(), "sha256": None, "variant": chosen,
                 "reason": reasons[chosen], "classes": classes, "preprocessing": dataclasses.asdict(pp),
@@ -221,7 +222,8 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
                 "params": {"train": ckpt["params"], "deploy": dataclasses.asdict(p), "prune": (
                     torch.load(pruned, weights_only=True)["pruning"]["params"] if "pruned" in chosen else None)},
                 "onnxruntime": ort.__version__,
-                "metrics": {k: table[chosen][k] for k in ("accuracy", "agreement", "latency_ms_p50", "speedup_b1")}}
+                "metrics": {k: table[chosen][k] for k in ("accuracy", "agreement", "latency_ms_p50",
+                                                          "throughput_b1", "speedup_b1")}}
         report = {"chosen": chosen, "reasons": reasons, "budget": dataclasses.asdict(p.budget),
                   "val_images": n_val, "threads": p.threads, "int8": int8,
                   "calibration_images": [r["sha256"] for r in cal_rows]}

@@ -115,11 +115,11 @@ def run(checkpoint, manifest, out_dir, p, device="cpu"):
     history, t0 = [], time.perf_counter()
     if p.epochs:
         known = {f.name for f in dataclasses.fields(train.Params)}
-        tp_ = dataclasses.replace(train.Params(**{k: v for k, v in ckpt["params"].items() if k in known}),
-                                  ft_epochs=p.epochs, ft_lr=p.lr, ft_backbone_lr=p.backbone_lr, select="best",
-                                  patience=0, seed=p.seed)
+        recovery = dataclasses.replace(train.Params(**{k: v for k, v in ckpt["params"].items() if k in known}),
+                                       ft_epochs=p.epochs, ft_lr=p.lr, ft_backbone_lr=p.backbone_lr, select="best",
+                                       patience=0, seed=p.seed)
         # "best" against the pruned score: recovery that does not help on holdout is not kept
-        train.finetune(model, train_rows, hold_rows, classes, pp, tp_, device, pruned, history)
+        train.finetune(model, train_rows, hold_rows, classes, pp, recovery, device, pruned, history)
     acc["recovered"] = holdout_score(model, hold, device)[0]
     model.cpu()
     out = {**ckpt, "model": {k: v.cpu() for k, v in model.state_dict().items()},
@@ -142,7 +142,8 @@ def main():
     r = run(args.checkpoint, args.manifest, args.out, load_section(Params, "prune"), stage_device("prune"))
     print(f"prune: params {r['params_before']:,} -> {r['params_after']:,} ({r['params_kept']:.0%}), MACs "
           f"{r['macs_before']:,} -> {r['macs_after']:,} ({r['macs_kept']:.0%}); holdout accuracy "
-          f"{r['holdout_acc_before']} -> {r['holdout_acc_pruned']} pruned -> {r['holdout_acc_recovered']} recovered")
+          f"{r['holdout_acc_before']} -> {r['holdout_acc_pruned']} pruned -> "
+          f"{r['holdout_acc_recovered']} recovered")
 
 
 if __name__ == "__main__":

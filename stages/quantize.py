@@ -6,6 +6,7 @@ here (see TRAPS.md). Calibration reads a class-stratified sample of the train sp
 """
 import dataclasses
 import hashlib
+import math
 import random
 import tempfile
 import time
@@ -15,7 +16,6 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
-from onnxruntime.quantization import qdq_loss_debug as qdq
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from stages.config import UserError
@@ -101,66 +101,92 @@ def prepared(fp32_path, tmp, s):
     return out
 
 
-def quantize(fp32_path, out_path, arrays, s):
-    """Write the static QDQ INT8 model of `fp32_path`, calibrated on `arrays`, to `out_path`."""
+def quantize(fp32_path, out_path, arrays, s, cache=None):
+    """Write the static QDQ INT8 model of `fp32_path`, calibrated on `arrays`, to `out_path`; with `cache`
+    (a JSON file), calibration ranges are read from it when it exists and written to it otherwise."""
     with tempfile.TemporaryDirectory() as tmp:
         quantize_static(str(prepared(fp32_path, tmp, s)), str(out_path), Reader(arrays),
                         quant_format=QuantFormat.QDQ, per_channel=s.per_channel, reduce_range=s.reduce_range,
                         activation_type=TYPES[s.activation_type], weight_type=TYPES[s.weight_type],
                         calibrate_method=CALIBRATIONS[s.calibrate_method],
-                        nodes_to_exclude=list(s.nodes_to_exclude) or None)
+                        nodes_to_exclude=list(s.nodes_to_exclude) or None, calibration_cache_path=cache)
     m = onnx.load(str(out_path))              # quantize_static drops the metadata: class names, preprocessing
     del m.metadata_props[:]
     m.metadata_props.extend(onnx.load(str(fp32_path)).metadata_props)
     onnx.save(m, str(out_path))
 
 
-def diagnose(fp32_path, int8_path, batches, s, images=8, top=5):
-    """The layers whose quantization loses the most, worst first: per quantized activation, the SQNR in dB
-    of its own QDQ step (`qdq_db`; low: this quantizer is lossy) and of INT8 against FP32 there
-    (`vs_fp32_db`: the error accumulated so far), with the node producing it (a `nodes_to_exclude` name)."""
-    arrays = [batches[0][0][:images].numpy()]       # one batch of `images` (x, y) batches' first images
+def sqnr_db(ref, x):
+    """Signal-to-noise ratio of logits `x` against `ref` in dB: 20 dB = errors a tenth of the logits' size."""
+    return round(20 * math.log10(float(ref.norm()) / max(float((ref - x).norm()), 1e-12)), 2)
+
+
+def trial(src, path, cal_x, s, hold_x, ref, threads, cache=None):
+    """Quantize with `s` (calibrated on `cal_x`'s first images) and measure against the FP32 logits `ref` on
+    the holdout batches `hold_x`."""
+    n = min(s.calibration_size, len(cal_x))
+    quantize(src, path, np.split(cal_x[:n], range(16, n, 16)), s, cache)
+    logits = predict_onnx(session(path, threads), hold_x)[0]
+    return {**{f"holdout_{k}": v for k, v in parity(ref, logits).items()},
+            "holdout_logit_sqnr_db": sqnr_db(ref, logits)}
+
+
+def scopes(path, max_groups=16):
+    """Node names grouped by module scope ('/body/blocks/blocks.3'), as finely as `max_groups` allows."""
+    names = [n.name for n in onnx.load(str(path)).graph.node]
+    for depth in range(8, 0, -1):
+        groups = {}
+        for n in names:
+            groups.setdefault("/".join(n.split("/")[:-1][:depth]) or n, []).append(n)
+        if len(groups) <= max_groups:
+            break
+    return groups
+
+
+def diagnose(src, work, cal_x, s, hold_x, threads, top=5):
+    """Which layers break agreement: the INT8 model re-measured with each module scope left in FP32 in turn
+    (calibrated once); the `top` scopes whose exclusion recovers the most logit SNR on holdout, best first."""
+    cache, path = work / "diagnose-calibration.json", work / "diagnose.onnx"
+    cache.unlink(missing_ok=True)
+    ref = predict_onnx(session(src, threads), hold_x)[0]
+    base = trial(src, path, cal_x, s, hold_x, ref, threads, cache)
     with tempfile.TemporaryDirectory() as tmp:
-        acts = {}
-        for key, path in (("fp32", prepared(fp32_path, tmp, s)), ("int8", int8_path)):
-            aug = Path(tmp) / f"{key}-outputs.onnx"
-            qdq.modify_model_output_intermediate_tensors(str(path), str(aug))
-            acts[key] = qdq.collect_activations(str(aug), Reader(arrays))
-    match = {t: m for t, m in qdq.create_activation_matching(acts["int8"], acts["fp32"]).items() if "float" in m}
-    errors = qdq.compute_activation_error(match)
-    producers = {o: n for n in onnx.load(str(int8_path)).graph.node for o in n.output}
-    rows = [{"tensor": t, "node": producers[t].name if t in producers else "(graph input)",
-             "op": producers[t].op_type if t in producers else "",
-             "qdq_db": round(float(e["qdq_err"]), 2), "vs_fp32_db": round(float(e["xmodel_err"]), 2)}
-            for t, e in errors.items()]
-    rows.sort(key=lambda r: r["qdq_db"])
-    return {"worst": rows[:top], "layers": len(rows)}
+        groups = scopes(prepared(src, tmp, s))
+    rows = []
+    for scope, nodes in groups.items():
+        excluded = dataclasses.replace(s, nodes_to_exclude=s.nodes_to_exclude + tuple(nodes))
+        r = trial(src, path, cal_x, excluded, hold_x, ref, threads, cache)
+        rows.append({"scope": scope, "nodes": nodes, "holdout_top1_agreement": r["holdout_top1_agreement"],
+                     "holdout_logit_sqnr_db": r["holdout_logit_sqnr_db"],
+                     "gain_db": round(r["holdout_logit_sqnr_db"] - base["holdout_logit_sqnr_db"], 2)})
+    rows.sort(key=lambda r: -r["gain_db"])
+    worst = [{**r, "nodes": len(r["nodes"])} for r in rows[:top]]
+    return {"int8_all": base, "worst": worst, "exclude": [n for r in rows[:top] for n in r["nodes"]]}
 
 
 def search(name, src, work, cal_rows, cal_x, hold_x, p):
     """Quantize `src` with `p.int8` updated by each of `p.tries` in turn, until one agrees with `src` on
     holdout to `p.budget.min_agreement`; if none does, diagnose the best and try it once more with its worst
-    `p.exclude_worst` layers left in FP32. (path of the best try, {kept try, settings, tries, diagnosis})."""
+    `p.exclude_worst` scopes left in FP32. (path of the best try, {kept try, settings, tries, diagnosis})."""
     ref = predict_onnx(session(src, p.threads), hold_x)[0]
     tries, log, best, diagnosis = list(p.tries), [], None, None
     for i in range(len(tries) + 1):
-        if i == len(tries):                # every try failed: one more, the worst layers left in FP32
-            if not p.exclude_worst or diagnosis is not None:
-                break
-            diagnosis = diagnose(src, best[1], hold_x, best[2], p.diagnose_images, p.exclude_worst)
-            nodes = [r["node"] for r in diagnosis["worst"] if r["op"]]
-            tries.append({**tries[log.index(best[0])],
-                          "nodes_to_exclude": list(best[2].nodes_to_exclude) + nodes})
-        s, path, t0 = settings(p.int8, tries[i]), work / f"{name}-try{i}.onnx", time.perf_counter()
-        n = min(s.calibration_size, len(cal_rows))
-        quantize(src, path, np.split(cal_x[:n], range(16, n, 16)), s)
-        logits = predict_onnx(session(path, p.threads), hold_x)[0]
+        if i < len(tries):
+            s = settings(p.int8, tries[i])
+        elif p.exclude_worst:             # every try failed: one more, the worst scopes left in FP32
+            diagnosis = diagnose(src, work, cal_x, best[2], hold_x, p.threads, p.exclude_worst)
+            s = dataclasses.replace(best[2], nodes_to_exclude=(*best[2].nodes_to_exclude, *diagnosis["exclude"]))
+        else:
+            break
+        n, path, t0 = min(s.calibration_size, len(cal_rows)), work / f"{name}-try{i}.onnx", time.perf_counter()
         log.append({"try": i, "settings": dataclasses.asdict(s), "calibration_sha256": digest(cal_rows[:n]),
-                    "calibration_images": n, **{f"holdout_{k}": v for k, v in parity(ref, logits).items()},
+                    "calibration_images": n, **trial(src, path, cal_x, s, hold_x, ref, p.threads),
                     "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"deploy: {name} try {i}: holdout agreement {log[-1]['holdout_top1_agreement']:.4f} ({tries[i]})")
-        if best is None or log[-1]["holdout_top1_agreement"] > best[0]["holdout_top1_agreement"]:
-            best = (log[-1], path, s)
+        print(f"deploy: {name} try {i}: holdout agreement {log[-1]['holdout_top1_agreement']:.4f}, logit SNR "
+              f"{log[-1]['holdout_logit_sqnr_db']} dB ({tries[i] if i < len(tries) else 'worst scopes in FP32'})")
+        key = (log[-1]["holdout_top1_agreement"], log[-1]["holdout_logit_sqnr_db"])
+        if best is None or key > best[3]:
+            best = (log[-1], path, s, key)
         if log[-1]["holdout_top1_agreement"] >= p.budget.min_agreement:
             break
     return best[1], {"kept_try": best[0]["try"], "calibration_sha256": best[0]["calibration_sha256"],

@@ -173,7 +173,8 @@ def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, histor
     for epoch in range(1, p.ft_epochs + 1):
         t0, total, n = time.perf_counter(), 0.0, 0
         model.train()
-        freeze_bn(model)
+        if p.weights != "none":          # pretrained statistics are worth keeping; a fresh net needs its own
+            freeze_bn(model)
         for x, y in tqdm(train_dl, desc=f"train: fine-tune epoch {epoch}/{p.ft_epochs}", unit="batch"):
             if mix:
                 x, y = mix(x, y)                # soft targets

@@ -107,9 +107,13 @@ def reproduced(tmp_path_factory):
             dst.mkdir(parents=True)
             for f in sorted((ROOT / "data/hymenoptera" / split / cls).glob("*.jpg"))[:n]:
                 shutil.copy(f, dst)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    set_params(repo, deploy={"int8": {**params["deploy"]["int8"], "calibration_size": 8}})
     set_params(repo, prepare={"source": "data/mini"},
                train={"lp_steps": 100, "ft_epochs": 1, "batch_size": 8, "select": "best"},
-               orchestrate={"retries": 0})
+               orchestrate={"retries": 0}, prune={"epochs": 0},
+               deploy={"rounds": 1, "repeats": 3, "batch_repeats": 1, "warmup": 1, "tries": [{}],
+                       "exclude_worst": 0})
     sh(repo, "git", "init", "-q")
     out = sh(repo, "dvc", "repro").stdout
     sh(repo, "git", "add", "-A")

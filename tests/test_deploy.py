@@ -24,7 +24,8 @@ def table(**int8):
 def test_a_faster_variant_within_budget_is_chosen():
     chosen, why = deploy.select(table(onnx_int8=dict(accuracy=0.899, agreement=0.995, latency_ms_p50=6.0),
                                       pruned_int8=dict(accuracy=0.90, agreement=0.99, latency_ms_p50=4.0)), BUDGET)
-    assert chosen == "pruned_int8" and why[chosen] == "chosen: fastest within budget, 10.00x pytorch_fp32 at batch 1"
+    assert chosen == "pruned_int8"
+    assert why[chosen] == "chosen: fastest within budget, 10.00x pytorch_fp32 at batch 1"
     assert why["onnx_int8"] == "within budget, slower than pruned_int8"
     assert why["onnx_fp32"] == "within budget, slower than pruned_int8"
 
@@ -32,7 +33,8 @@ def test_a_faster_variant_within_budget_is_chosen():
 @pytest.mark.parametrize("int8, reason", [
     (dict(accuracy=0.90, agreement=0.97, latency_ms_p50=5.0), "over budget: agreement 0.9700 < 0.99"),
     (dict(accuracy=0.89, agreement=0.99, latency_ms_p50=5.0), "over budget: accuracy drop 0.0100 > 0.005"),
-    (dict(accuracy=0.90, agreement=1.0, latency_ms_p50=9.8), "not faster: 1.02x onnx_fp32 at batch 1 (needs 1.1x)"),
+    (dict(accuracy=0.90, agreement=1.0, latency_ms_p50=9.8),
+     "not faster: 1.02x onnx_fp32 at batch 1 (needs 1.1x)"),
 ])
 def test_int8_over_budget_or_not_faster_falls_back_to_onnx_fp32(int8, reason):
     chosen, why = deploy.select(table(onnx_int8=int8), dataclasses.asdict(BUDGET))   # a plain dict works too
@@ -93,7 +95,8 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
         assert report["reasons"][n].startswith(("baseline", "chosen", "over budget", "not faster"))
     assert variants["onnx_fp32"]["agreement"] == 1.0 and variants["onnx_fp32"]["max_logit_diff"] < 1e-3
     assert variants["onnx_int8"]["size_mb"] < variants["onnx_fp32"]["size_mb"]
-    assert variants["pruned_int8"]["size_mb"] < variants["pruned_fp32"]["size_mb"] < variants["onnx_fp32"]["size_mb"]
+    size = {n: v["size_mb"] for n, v in variants.items()}
+    assert size["pruned_int8"] < size["pruned_fp32"] < size["onnx_fp32"]
     plain = {n: {k: v[k] for k in ("accuracy", "agreement", "latency_ms_p50")} for n, v in variants.items()}
     assert deploy.select(plain, p.budget) == ("onnx_fp32", report["reasons"])
 
@@ -116,3 +119,21 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     assert export.metadata(export.session(tmp_path / "int8.onnx"))[0] == classes
     assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 7 / 8
     assert np.abs(fp32 - int8).max() <= 0.1 * (fp32.max() - fp32.min())
+
+    # An agreement no INT8 model can reach: every try fails, the module scopes that break it are found by
+    # leaving each in FP32 in turn, and the worst two stay FP32 in one last try.
+    hold = list(loader(read_manifest(manifest, {"holdout"})[0], classes, tf, 8))
+    strict = deploy.Params(**{**FAST, "budget": dict(min_agreement=1.01)})
+    cal_x = next(iter(loader(calibration, classes, tf, 8)))[0].numpy()
+    path, rec = quantize.search("q", onnx_path, tmp_path, calibration, cal_x, hold, strict)
+    worst = rec["diagnosis"]["worst"]
+    assert len(rec["tries"]) == len(FAST["tries"]) + 1 and len(worst) == 2
+    assert worst[0]["gain_db"] >= worst[1]["gain_db"]
+    assert all(w["scope"].startswith("/") and w["nodes"] > 0 for w in worst)
+    excluded = rec["tries"][-1]["settings"]["nodes_to_exclude"]
+    assert list(excluded) == rec["diagnosis"]["exclude"] and len(excluded) == sum(w["nodes"] for w in worst)
+    last = onnx.load(str(tmp_path / f"q-try{len(FAST['tries'])}.onnx"))
+    dequantized = {o for n in last.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert {n.name for n in last.graph.node} >= set(excluded)
+    for node in (n for n in last.graph.node if n.name in excluded and n.op_type == "Conv"):
+        assert node.input[1] not in dequantized                              # its weights stayed FP32

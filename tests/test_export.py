@@ -10,7 +10,7 @@ from stages.config import UserError
 
 def test_export_checks_parity_and_carries_metadata(tmp_path, manifest, checkpoint):
     result = export.run(checkpoint, manifest, tmp_path / "e", export.Params())
-    assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] < 1e-4 and result["images"] == 8
+    assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] <= 1e-3 and result["images"] == 8
     assert json.loads((tmp_path / "e" / "parity.json").read_text()) == result
     path = tmp_path / "e" / "model.onnx"
     onnx.checker.check_model(onnx.load(str(path)))

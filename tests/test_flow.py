@@ -57,7 +57,12 @@ def last_flow_run(env):
 
 
 def test_stage_order_comes_from_dvc():
-    assert stage_order(ROOT) == ["prepare", "validate", "train", "export", "evaluate"]
+    order = stage_order(ROOT)
+    assert set(order) == {"prepare", "validate", "train", "export", "evaluate", "prune", "deploy", "triton"}
+    for before, after in [("prepare", "validate"), ("validate", "train"), ("train", "export"),
+                          ("export", "evaluate"), ("train", "prune"), ("prune", "deploy"), ("export", "deploy"),
+                          ("deploy", "triton")]:
+        assert order.index(before) < order.index(after), (before, after, order)
 
 
 def test_an_up_to_date_pipeline_runs_as_cached_tasks(clone, server):

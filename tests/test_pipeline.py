@@ -14,8 +14,11 @@ GIT = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
 
 def test_repro_builds_a_verified_model_and_caches_it(reproduced):
     repo, out = reproduced
-    for stage in ("prepare", "validate", "train", "export", "evaluate"):
+    for stage in ("prepare", "validate", "train", "export", "evaluate", "prune", "deploy", "triton"):
         assert f"Running stage '{stage}'" in out
+    card = json.loads((repo / "outputs/deploy/card.json").read_text())
+    assert card["sha256"] == hashlib.sha256((repo / "outputs/deploy/model.onnx").read_bytes()).hexdigest()
+    assert (repo / "outputs/triton").is_dir()
     metrics = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
     assert metrics["val_images"] == 2 * MINI["val"]
     assert metrics["pytorch"]["accuracy"] >= 0.75          # real ImageNet features: ants vs bees is easy
