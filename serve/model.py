@@ -3,7 +3,6 @@ session, and untrusted image bytes turned into network input by `stages.presets`
 """
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from stages import export, presets
-from stages.config import UserError
+from stages.config import UserError, sha256
 
 # Decoders reachable from the network. PIL has riskier ones (EPS runs Ghostscript); these cover cameras and web.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -50,14 +49,6 @@ class InputError(Exception):
     def __init__(self, status, kind, detail):
         super().__init__(detail)
         self.status, self.kind, self.detail = status, kind, detail
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_card(path):

@@ -9,9 +9,9 @@ import json
 import shutil
 from pathlib import Path
 
-from serve.model import Params, sha256
+from serve.model import Params
 from stages import export
-from stages.config import UserError, atomic_text, atomic_write, cli, load_section
+from stages.config import UserError, atomic_text, atomic_write, cli, load_section, sha256
 
 TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64",
          "tensor(int8)": "TYPE_INT8", "tensor(uint8)": "TYPE_UINT8", "tensor(int32)": "TYPE_INT32",

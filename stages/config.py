@@ -2,6 +2,7 @@
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import os
 import shutil
 import sys
@@ -62,6 +63,12 @@ def stage_device(stage, path=PARAMS):
     """The device for `stage` from params.yaml's `devices` section (not a DVC param: see dvc.yaml)."""
     params = yaml.safe_load(Path(path).read_text()) or {}
     return resolve_device((params.get("devices") or {}).get(stage, "auto"))
+
+
+def sha256(path):
+    """Hex SHA-256 of a file, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_write(path, write):

@@ -11,7 +11,6 @@ batch-1 latency and batch throughput of every variant in one process, interleave
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import subprocess
 import tempfile
@@ -28,7 +27,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from stages import presets, prune, quantize  # noqa: E402
-from stages.config import UserError, atomic_dir, cli, load_section  # noqa: E402
+from stages.config import UserError, atomic_dir, cli, load_section, sha256  # noqa: E402
 from stages.evaluate import scores  # noqa: E402
 from stages.export import parity, predict_onnx, session, to_onnx  # noqa: E402
 from stages.prepare import read_manifest  # noqa: E402
@@ -129,11 +128,6 @@ def bench(runners, x1, xb, p):
 def git_rev():
     r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tensors(rows, classes, pp, batch_size):
