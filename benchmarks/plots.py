@@ -79,15 +79,14 @@ def serving(parts):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     levels = [int(c) for c in s["levels"]]
     a.plot(levels, [s["levels"][str(c)]["img_s"]["median"] for c in levels], "o-", label="server, 1 image per request")
-    a.axhline(s["inprocess"]["ort32"]["median"], c="C1", ls="--", label="in-process ORT, batch 32")
-    a.axhline(s["inprocess"]["e2e1"]["median"], c="C2", ls=":", label="in-process decode + ORT, 1 image")
-    a.set(xscale="log", xticks=levels, xticklabels=levels, xlabel="concurrency", ylabel="images/s",
-          title="throughput")
+    for key, ls, label in (("ort32", "--", "in-process ORT, batch 32"),
+                           ("e2e32", "-.", "in-process decode + ORT, batch 32"),
+                           ("e2e1", ":", "in-process decode + ORT, 1 image")):
+        a.axhline(s["inprocess"][key]["median"], c=f"C{len(a.lines)}", ls=ls, label=label)
     for key, ls in (("p50_ms", "o-"), ("p99_ms", "s--")):
         b.plot(levels, [s["levels"][str(c)][key]["median"] for c in levels], ls, label=key.split("_")[0])
-    b.set(xscale="log", xticks=levels, xticklabels=levels, xlabel="concurrency", ylabel="ms",
-          title="request latency")
-    for ax in (a, b):
+    for ax, ylabel, title in ((a, "images/s", "throughput"), (b, "ms", "request latency")):
+        ax.set(xscale="log", xticks=levels, xticklabels=levels, xlabel="concurrency", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return fig

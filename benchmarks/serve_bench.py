@@ -8,7 +8,9 @@ Run from the project root: python -m benchmarks.serve_bench [--seconds 10]
 """
 import argparse
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -24,8 +26,8 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.model import Model, Params, preprocess, torch_threads
-from stages.config import UserError, load_section
+from serve.model import preprocess, torch_threads
+from stages.config import UserError
 
 CARD, MODEL = Path("outputs/export/card.json"), Path("outputs/export/model.onnx")
 
@@ -76,34 +78,61 @@ def rate(step, seconds):
 
 
 def in_process(model, p, data, seconds):
-    """{name: images/s} of ORT alone at batch 32, of one image end to end, and of preprocessing alone."""
-    with torch_threads(1):
-        x = preprocess(data, model.transform, p.max_pixels)
-        batch = np.stack([x] * 32)
+    """{name: images/s}: ORT alone at batch 32; decode + ORT at batch 32 (decoding on `decode_threads` threads,
+    as the server does); one image end to end; preprocessing alone."""
+    prep = functools.partial(preprocess, transform=model.transform, max_pixels=p.max_pixels)
+    with torch_threads(1), concurrent.futures.ThreadPoolExecutor(p.decode_threads) as pool:
+        batch = np.stack([prep(data)] * 32)
         return {"ort32": 32 * rate(lambda: model.infer(batch), seconds),
-                "e2e1": rate(lambda: model.infer(preprocess(data, model.transform, p.max_pixels)[None]), seconds / 2),
-                "prep": rate(lambda: preprocess(data, model.transform, p.max_pixels), seconds / 2)}
+                "e2e32": 32 * rate(lambda: model.infer(np.stack(list(pool.map(prep, [data] * 32)))), seconds),
+                "e2e1": rate(lambda: model.infer(prep(data)[None]), seconds / 2),
+                "prep": rate(lambda: prep(data), seconds / 2)}
+
+
+async def post(reader, writer, head, data):
+    """One HTTP/1.1 request on a kept-alive connection; its status code (the body is read and dropped)."""
+    writer.write(head + data)
+    status = int((await reader.readline()).split()[1])
+    length = None
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length is None:
+        raise RuntimeError("the server answered without a content-length")
+    await reader.readexactly(length)
+    return status
 
 
 async def load(url, data, concurrency, seconds):
-    """(requests, errors, latencies in s, elapsed s) for `concurrency` clients sending one image per request."""
+    """(requests, errors, latencies in s, elapsed s) for `concurrency` clients sending one image per request.
+
+    A bare asyncio HTTP/1.1 client, not httpx: the load generator shares the server's two cores here, and
+    every millisecond of CPU it spends per request is one the server does not have.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    head = (f"POST /predict HTTP/1.1\r\nhost: {host}\r\ncontent-type: image/jpeg\r\n"
+            f"content-length: {len(data)}\r\n\r\n").encode()
     latencies, errors = [], [0]
 
-    async def client(c, stop):
+    async def client(conn, stop):
         while time.perf_counter() < stop:
             t = time.perf_counter()
-            r = await c.post("/predict", content=data, headers={"content-type": "image/jpeg"})
-            if r.status_code != 200:
+            if await post(*conn, head, data) != 200:
                 errors[0] += 1
             latencies.append(time.perf_counter() - t)
 
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
+    conns = [await asyncio.open_connection(host, int(port)) for _ in range(concurrency)]
+    try:
         warm = time.perf_counter() + 1                                   # connections up, caches warm
-        await asyncio.gather(*(client(c, warm) for _ in range(concurrency)))
+        await asyncio.gather(*(client(c, warm) for c in conns))
         latencies.clear()
         start = time.perf_counter()
-        await asyncio.gather(*(client(c, start + seconds) for _ in range(concurrency)))
+        await asyncio.gather(*(client(c, start + seconds) for c in conns))
         return len(latencies), errors[0], np.array(latencies), time.perf_counter() - start
+    finally:
+        for _, writer in conns:
+            writer.close()
 
 
 def batch_stats(url):
@@ -136,47 +165,29 @@ def start_server(card, p, log):
 
 
 def main():
+    from benchmarks import serving                     # it builds on this module's functions
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per concurrency level")
     args = ap.parse_args()
-    try:
-        p = load_section(Params, "serve")
-    except UserError as e:
-        p = Params()
-        print(f"note: {e}; using the serve defaults")
-    data, source = photo()
     with tempfile.TemporaryDirectory() as tmp:
         card, what = pick_card(Path(tmp))
-        print(f"model: {what}\nimage: {source} ({len(data):,} bytes)\nparams: max_batch_size={p.max_batch_size} "
-              f"max_wait_ms={p.max_wait_ms} threads={p.threads} decode_threads={p.decode_threads}\n")
-        model = Model(card, p.threads)                # in this process: ORT with the server's thread budget
-        proc, url = start_server(card, p, Path(tmp) / "server.log")
-        base, rows = [in_process(model, p, data, args.seconds / 2)], []   # the server idles meanwhile
-        try:
-            for concurrency in (1, 8, 32):
-                before = batch_stats(url)
-                n, errors, lat, elapsed = asyncio.run(load(url, data, concurrency, args.seconds))
-                after = batch_stats(url)
-                mean_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
-                rows.append((f"server, concurrency {concurrency}", n / elapsed, np.percentile(lat, 50) * 1e3,
-                             np.percentile(lat, 99) * 1e3, mean_batch, errors, n))
-                base.append(in_process(model, p, data, args.seconds / 2))
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    # The machine is shared: in-process runs before and after every server phase show how much it drifted.
-    ort32 = [b["ort32"] for b in base]
-    print(f"{'mode':<32}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>8}{'requests':>10}")
-    print(f"{'in-process ORT, batch 32':<32}{np.mean(ort32):>8.1f}{'':>9}{'':>9}{32:>7}    (runs: "
-          f"{', '.join(f'{r:.1f}' for r in ort32)})")
-    e2e = np.mean([b["e2e1"] for b in base])
-    print(f"{'in-process decode+ORT, 1 image':<32}{e2e:>8.1f}{1e3 / e2e:>9.1f}{'':>9}{1:>7}")
-    print(f"{'in-process decode only, 1 thread':<32}{np.mean([b['prep'] for b in base]):>8.1f}")
-    for name, img_s, p50, p99, batch, errors, n in rows:
-        print(f"{name:<32}{img_s:>8.1f}{p50:>9.1f}{p99:>9.1f}{batch:>7.1f}{errors:>8}{n:>10}")
-    adjacent = (ort32[-2] + ort32[-1]) / 2                               # the runs either side of concurrency 32
-    print(f"\nserver@32 / in-process ORT@32 = {rows[-1][1] / adjacent:.2f} (against the runs either side of it; "
-          f"{rows[-1][1] / np.mean(ort32):.2f} against their mean)")
+        card = json.loads(card.read_text())
+        print(f"model: {what}")
+        r = serving.run(card["model"], card["variant"], tmp, args.seconds, repeats=1)
+    med = {k: v["median"] for k, v in r["inprocess"].items()}
+    print(f"image: {r['image']} ({r['image_bytes']:,} bytes)\nparams: {r['params']}\n")
+    print(f"{'mode':<34}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>8}{'requests':>10}")
+    print(f"{'in-process ORT, batch 32':<34}{med['ort32']:>8.1f}{'':>25}32")
+    print(f"{'in-process decode+ORT, batch 32':<34}{med['e2e32']:>8.1f}{'':>25}32")
+    print(f"{'in-process decode+ORT, 1 image':<34}{med['e2e1']:>8.1f}{1e3 / med['e2e1']:>9.1f}{'':>16}1")
+    print(f"{'in-process decode only, 1 thread':<34}{med['prep']:>8.1f}")
+    for c, v in r["levels"].items():
+        print(f"{f'server, concurrency {c}':<34}{v['img_s']['median']:>8.1f}{v['p50_ms']['median']:>9.1f}"
+              f"{v['p99_ms']['median']:>9.1f}{v['mean_batch']['median']:>7.1f}{v['errors']:>8}{v['requests']:>10}")
+    v = r["levels"]["32"]
+    print(f"\nserver@32 / in-process ORT@32 = {v['vs_inprocess']['median']:.2f}; / in-process decode+ORT@32 = "
+          f"{v['vs_e2e32']['median']:.2f} (each against the in-process runs either side of it)")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 

@@ -1,6 +1,6 @@
 """Part 5: the HTTP service under load next to ONNX Runtime in-process, with benchmarks/serve_bench.py's own
 functions: one real photo per request at concurrency 1, 8 and 32, each for a fixed time; in-process ORT at
-batch 32 (same thread budget) runs before and after every server phase, and each server figure is divided by
+batch 32 (same thread budget), alone and after decoding, runs before and after every server phase, and each server figure is divided by
 the mean of the two runs either side of it (client, server and ORT share this machine's cores).
 """
 import asyncio
@@ -50,7 +50,8 @@ def run(onnx_path, variant, work, seconds, repeats):
             for c in LEVELS:
                 phases.append(phase(url, data, c, seconds))
                 base.append(serve_bench.in_process(model, p, data, seconds / 2))
-                phases[-1]["inprocess_ort32"] = (base[-2]["ort32"] + base[-1]["ort32"]) / 2
+                for k in ("ort32", "e2e32"):
+                    phases[-1][f"inprocess_{k}"] = (base[-2][k] + base[-1][k]) / 2
                 print(f"bench: serving repeat {r + 1}/{repeats}, concurrency {c}: {phases[-1]['img_s']:.1f} img/s")
     finally:
         proc.terminate()
@@ -60,9 +61,10 @@ def run(onnx_path, variant, work, seconds, repeats):
         ph = [x for x in phases if x["concurrency"] == c]
         levels[str(c)] = {**{k: spread([x[k] for x in ph], 2) for k in ("img_s", "p50_ms", "p99_ms", "mean_batch")},
                           "errors": sum(x["errors"] for x in ph), "requests": sum(x["requests"] for x in ph),
-                          "vs_inprocess": pairwise([x["img_s"] for x in ph], [x["inprocess_ort32"] for x in ph])}
+                          "vs_inprocess": pairwise([x["img_s"] for x in ph], [x["inprocess_ort32"] for x in ph]),
+                          "vs_e2e32": pairwise([x["img_s"] for x in ph], [x["inprocess_e2e32"] for x in ph])}
     return {"model": variant, "image": source, "image_bytes": len(data), "seconds": seconds, "repeats": repeats,
             "params": {k: v for k, v in dataclasses.asdict(p).items()
                        if k in ("max_batch_size", "max_wait_ms", "threads", "decode_threads")},
             "server_start_s": round(start, 1), "levels": levels,
-            "inprocess": {k: spread([b[k] for b in base], 2) for k in ("ort32", "e2e1", "prep")}}
+            "inprocess": {k: spread([b[k] for b in base], 2) for k in ("ort32", "e2e32", "e2e1", "prep")}}

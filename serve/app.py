@@ -240,7 +240,7 @@ def create_app(card_path, p):
 def serve(card_path, p):
     """Run the service until interrupted."""
     uvicorn.run(create_app(card_path, p), host=p.host, port=p.port, limit_concurrency=p.max_connections,
-                timeout_graceful_shutdown=10, server_header=False)
+                timeout_graceful_shutdown=10, server_header=False, loop="uvloop", http="httptools")
 
 
 def from_env():

@@ -119,8 +119,7 @@ def preprocess(data, transform, max_pixels):
     if not data:
         raise InputError(400, "empty_image", "the image is zero bytes")
     try:                                        # the header only: nothing is decoded yet
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            width, height = im.size
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         raise InputError(400, "not_an_image",
                          f"not an image in a supported format ({', '.join(FORMATS)})") from None
@@ -128,13 +127,15 @@ def preprocess(data, transform, max_pixels):
         raise InputError(413, "image_too_large", str(e)) from None
     except Exception as e:                      # PIL raises many types on malformed headers
         raise InputError(400, "corrupt_image", f"the image header cannot be read: {e}") from None
-    if width * height > max_pixels:
-        raise InputError(413, "image_too_large",
-                         f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
-    try:
-        rgb = presets.load_rgb(io.BytesIO(data))
-    except Exception as e:
-        raise InputError(400, "corrupt_image", f"the image cannot be decoded: {e}") from None
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise InputError(413, "image_too_large", f"the image is {width}x{height} = {width * height:,} "
+                                                     f"pixels; the limit is {max_pixels:,}")
+        try:
+            rgb = presets.to_rgb(im)
+        except Exception as e:
+            raise InputError(400, "corrupt_image", f"the image cannot be decoded: {e}") from None
     return transform(rgb).numpy()
 
 

@@ -8,7 +8,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
