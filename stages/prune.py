@@ -1,10 +1,13 @@
-"""prune: remove whole channels from the trained checkpoint (torch-pruning), then a short recovery fine-tune.
+"""prune: remove whole channels from the trained checkpoint (torch-pruning), then recover.
 
 Structured pruning shrinks every tensor, so the smaller network runs faster anywhere, ONNX Runtime included;
 torch-pruning's dependency graph keeps residual adds, depthwise convs and the classifier's input consistent.
-`ratio` is per-layer channel sparsity: parameters and MACs fall roughly as (1 - ratio)^2 (0.25 -> ~0.56x).
-Recovery reuses `stages.train.finetune` and, like training, selects on holdout; val is never seen here.
-The checkpoint is train's format plus `pruning`: the pruned widths, which `load_model` needs to rebuild it.
+`scope: hidden` prunes only the channels inside residual blocks (the expansion of inverted residuals, the middle
+of ResNet blocks) and keeps the narrow residual streams whole: on Lite0, pruning the streams too at 0.25 left
+a model no better than chance on holdout, even after BatchNorm recalibration and a new head.
+Recovery: BatchNorm statistics recomputed on train (pruning changes every layer's input), the head refit on the
+pruned features (train's linear probe), then train's fine-tune; like training it selects on holdout, and val
+is never seen here. The checkpoint is train's format plus `pruning`: the widths `load_model` rebuilds.
 """
 import argparse
 import dataclasses
@@ -20,6 +23,7 @@ from stages import backbones, presets, train
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section, stage_device
 from stages.prepare import read_manifest
 
+SCOPES = ("hidden", "all")
 IMPORTANCES = {
     "magnitude": lambda: tp.importance.MagnitudeImportance(p=2),   # L2 norm of each channel group's weights
     "lamp": lambda: tp.importance.LAMPImportance(p=2),
@@ -33,6 +37,7 @@ WIDTHS = ("in_channels", "out_channels", "groups", "num_features", "in_features"
 @dataclasses.dataclass(frozen=True)
 class Params:
     ratio: float = 0.25             # channels removed per layer, 0..1 (the classifier's outputs never)
+    scope: str = "hidden"           # hidden: only inside residual blocks | all: residual streams too
     importance: str = "magnitude"   # magnitude | lamp | fpgm | bn_scale: which channels go
     round_to: int = 8               # keep widths multiples of this (SIMD-friendly); 0: off
     epochs: int = 2                 # recovery fine-tune epochs; 0: none
@@ -42,6 +47,8 @@ class Params:
 
     def __post_init__(self):
         get_importance(self.importance)
+        if self.scope not in SCOPES:
+            raise UserError(f"prune.scope '{self.scope}' is not one of {', '.join(SCOPES)}")
         if not 0 <= self.ratio < 1:
             raise UserError(f"prune.ratio must be in [0, 1), not {self.ratio}")
 
@@ -52,14 +59,49 @@ def get_importance(name):
     return IMPORTANCES[name]()
 
 
+def stream_layers(model):
+    """The convs that write a residual stream (each block's last), in timm's EfficientNet/MobileNet blocks and
+    torchvision's ResNet blocks; torch-pruning then leaves every channel group they belong to alone."""
+    from timm.models import _efficientnet_blocks as timm_blocks
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    last = ((timm_blocks.InvertedResidual, "conv_pwl"), (timm_blocks.EdgeResidual, "conv_pwl"),
+            (timm_blocks.DepthwiseSeparableConv, "conv_pw"), (timm_blocks.ConvBnAct, "conv"),
+            (BasicBlock, "conv2"), (Bottleneck, "conv3"))
+    return [getattr(m, name) for m in model.modules() for cls, name in last if isinstance(m, cls)]
+
+
 def prune(model, input_size, p):
     """Prune `model` in place at `p.ratio`, never the classifier's outputs; (MACs, params) before and after."""
     x = torch.zeros(1, 3, input_size, input_size)
     before = tp.utils.count_ops_and_params(model, x)
+    ignored = [model.head]
+    if p.scope == "hidden":
+        streams = stream_layers(model)
+        if not streams:
+            raise UserError("prune.scope hidden knows timm's EfficientNet/MobileNet blocks and torchvision's "
+                            "ResNet blocks; this backbone has neither: set prune.scope: all")
+        ignored += streams
     pruner = tp.pruner.MetaPruner(model.eval(), x, get_importance(p.importance), pruning_ratio=p.ratio,
-                                  ignored_layers=[model.head], round_to=p.round_to or None)
+                                  ignored_layers=ignored, round_to=p.round_to or None)
     pruner.step()
     return before, tp.utils.count_ops_and_params(model, x)
+
+
+@torch.no_grad()
+def recalibrate_bn(model, batches, device):
+    """BatchNorm running statistics recomputed from scratch over `batches` (a cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x, _ in batches:
+        model(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
 
 
 def widths(model):
@@ -112,14 +154,17 @@ def run(checkpoint, manifest, out_dir, p, device="cpu"):
     (macs0, params0), (macs1, params1) = prune(model.cpu(), pp.input_size, p)
     pruned = holdout_score(model.to(device), hold, device)
     acc["pruned"] = pruned[0]
-    history, t0 = [], time.perf_counter()
-    if p.epochs:
-        known = {f.name for f in dataclasses.fields(train.Params)}
-        recovery = dataclasses.replace(train.Params(**{k: v for k, v in ckpt["params"].items() if k in known}),
-                                       ft_epochs=p.epochs, ft_lr=p.lr, ft_backbone_lr=p.backbone_lr, select="best",
-                                       patience=0, seed=p.seed)
-        # "best" against the pruned score: recovery that does not help on holdout is not kept
-        train.finetune(model, train_rows, hold_rows, classes, pp, recovery, device, pruned, history)
+    t0 = time.perf_counter()
+    recalibrate_bn(model, train.loader(train_rows, classes, presets.eval_transform(pp), 32, column="cached"), device)
+    acc["recalibrated"] = holdout_score(model, hold, device)[0]
+    known = {f.name for f in dataclasses.fields(train.Params)}
+    recovery = dataclasses.replace(train.Params(**{k: v for k, v in ckpt["params"].items() if k in known}),
+                                   ft_epochs=p.epochs, ft_lr=p.lr, ft_backbone_lr=p.backbone_lr, select="best",
+                                   patience=0, seed=p.seed)
+    history = [train.linear_probe(model, train_rows, hold_rows, classes, pp, recovery, device)]
+    if p.epochs:        # "best" against the refit head's score: epochs that do not help on holdout are not kept
+        start = (history[0]["holdout_acc"], -history[0]["holdout_loss"])
+        train.finetune(model, train_rows, hold_rows, classes, pp, recovery, device, start, history)
     acc["recovered"] = holdout_score(model, hold, device)[0]
     model.cpu()
     out = {**ckpt, "model": {k: v.cpu() for k, v in model.state_dict().items()},
@@ -142,8 +187,8 @@ def main():
     r = run(args.checkpoint, args.manifest, args.out, load_section(Params, "prune"), stage_device("prune"))
     print(f"prune: params {r['params_before']:,} -> {r['params_after']:,} ({r['params_kept']:.0%}), MACs "
           f"{r['macs_before']:,} -> {r['macs_after']:,} ({r['macs_kept']:.0%}); holdout accuracy "
-          f"{r['holdout_acc_before']} -> {r['holdout_acc_pruned']} pruned -> "
-          f"{r['holdout_acc_recovered']} recovered")
+          f"{r['holdout_acc_before']} -> {r['holdout_acc_pruned']} pruned -> {r['holdout_acc_recalibrated']} "
+          f"BatchNorm recalibrated -> {r['holdout_acc_recovered']} recovered")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ from stages.prepare import read_manifest
 
 
 def test_pruning_shrinks_the_model_which_reloads_safely_and_exports_with_parity(tmp_path, manifest, checkpoint):
-    report = prune.run(checkpoint, manifest, tmp_path / "p", prune.Params(ratio=0.5, epochs=1))
+    report = prune.run(checkpoint, manifest, tmp_path / "p", prune.Params(ratio=0.5, scope="all", epochs=1))
     assert report["params_after"] < 0.5 * report["params_before"]     # half the channels: ~1/4 of the weights
     assert report["macs_after"] < 0.5 * report["macs_before"]
-    assert all(0 <= report[f"holdout_acc_{k}"] <= 1 for k in ("before", "pruned", "recovered"))
-    assert [h["phase"] for h in report["recovery"]] == ["finetune"]
+    assert all(0 <= report[f"holdout_acc_{k}"] <= 1 for k in ("before", "pruned", "recalibrated", "recovered"))
+    assert [h["phase"] for h in report["recovery"]] == ["linear_probe", "finetune"]
     assert json.loads((tmp_path / "p" / "report.json").read_text()) == report
 
     ckpt = torch.load(tmp_path / "p" / "model.pt", weights_only=True)   # no pickled code in it
@@ -49,7 +49,45 @@ def test_rebuild_restores_the_exact_pruned_network():
     assert fresh.head[1].out_features == 3                                # its outputs never
 
 
-@pytest.mark.parametrize("bad, match", [(dict(ratio=1.0), "ratio"), (dict(importance="taylor"), "importance")])
+def test_hidden_scope_keeps_the_residual_streams_whole():
+    model, pp = backbones.create("test_efficientnet", "none", 2)
+    before = prune.widths(model)
+    streams = {id(m) for m in prune.stream_layers(model)}
+    names = {n for n, m in model.named_modules() if id(m) in streams}
+    assert len(names) >= 3
+    (macs0, params0), (macs1, params1) = prune.prune(model, pp.input_size, prune.Params(ratio=0.5, round_to=0))
+    after = prune.widths(model)
+    assert all(after[n]["out_channels"] == before[n]["out_channels"] for n in names)     # streams untouched
+    hidden = [n for n in names if n.endswith("conv_pwl")]               # inverted and edge residuals
+    assert hidden and all(after[n]["in_channels"] < before[n]["in_channels"] for n in hidden)  # expansions cut
+    assert params1 < params0 and macs1 < macs0
+    x = torch.randn(2, 3, pp.input_size, pp.input_size)
+    assert model.eval()(x).shape == (2, 2)
+
+
+def test_hidden_scope_names_the_fix_for_unknown_architectures():
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten())
+    model = backbones.Classifier(body, 8, 2, 0.0)
+    with pytest.raises(UserError, match="prune.scope: all"):
+        prune.prune(model, 32, prune.Params())
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_of_the_data():
+    torch.manual_seed(0)
+    model, pp = backbones.create("test_efficientnet", "none", 2)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    bn.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    data = [(torch.randn(4, 3, 64, 64) * 3 + 1, torch.zeros(4)) for _ in range(3)]
+    prune.recalibrate_bn(model, data, "cpu")
+    x = torch.cat(seen)
+    assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-4)
+    assert bn.momentum == 0.1 and not model.training
+
+
+@pytest.mark.parametrize("bad, match", [(dict(ratio=1.0), "ratio"), (dict(importance="taylor"), "importance"),
+                                        (dict(scope="streams"), "scope")])
 def test_bad_params_fail_with_the_fix(bad, match):
     with pytest.raises(UserError, match=match):
         prune.Params(**bad)
