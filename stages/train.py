@@ -9,6 +9,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class Params:
     select: str = "last"               # last | best: which fine-tune epoch to keep (see README: why last)
     patience: int = 0                  # stop after this many epochs without holdout improvement; 0: off
     crop_scale: tuple = (0.35, 1.0)
+    test_size: int = 0                 # px seen at test time (and by the linear probe); 0: the backbone's own
     hflip: float = 0.5
     policy: str = "trivialaugment"     # none | trivialaugment | randaugment
     mix: str = "none"                  # none | mixup | cutmix, on fine-tune batches
@@ -204,6 +206,20 @@ def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, histor
         model.load_state_dict(best_state)
 
 
+def at_test_size(pp, size):
+    """`pp` for testing at `size` px, the centre crop's share of the resized image unchanged (0: `pp` itself).
+
+    Random resized crops show the network objects larger than a centre crop of the same size does; testing at
+    a somewhat higher resolution than training makes up for it (Touvron et al., "Fixing the train-test
+    resolution discrepancy", 2019; timm's `test_input_size`). Training's crops keep the backbone's size
+    (`train_size`); everything else, the checkpoint's preprocessing included, uses the returned `input_size`.
+    """
+    if not size or size == pp.input_size:
+        return pp
+    return dataclasses.replace(pp, input_size=size, resize=math.floor(size * pp.resize / pp.input_size),
+                               train_size=pp.train_size or pp.input_size)
+
+
 def run(manifest, out_dir, p, device="cpu"):
     """Train on the manifest's train split, select on holdout; write model.pt and history.csv."""
     torch.manual_seed(p.seed)
@@ -215,6 +231,7 @@ def run(manifest, out_dir, p, device="cpu"):
     model, pp = backbones.create(p.backbone, p.weights, len(classes), p.dropout)
     model.to(device)
     out = Path(out_dir)
+    pp = at_test_size(pp, p.test_size)
     save_augmented_grid(train_rows, classes, pp, p, out / "augmented.png")
     history, t0 = [], time.perf_counter()
     start = (-1.0, 0.0)

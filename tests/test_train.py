@@ -62,3 +62,17 @@ def test_balance_mix_and_the_augmented_grid(tmp_path, manifest):
         assert im.format == "PNG" and im.width > 4 * 32
     with pytest.raises(train.UserError, match="train.mix 'blend' is not one of none, mixup, cutmix"):
         train.Params(mix="blend")
+
+
+def test_test_size_raises_the_test_resolution_and_keeps_the_training_crops(tmp_path, manifest):
+    native = train.backbones.create("test_efficientnet", "none", 2)[1]
+    p = train.Params(**{**TINY, "ft_epochs": 1, "test_size": native.input_size + 32})
+    train.run(manifest, tmp_path / "t", p)
+    model, _, pp = train.load_model(tmp_path / "t" / "model.pt")
+    assert pp.input_size == native.input_size + 32 and pp.train_size == native.input_size
+    assert pp.input_size / pp.resize == pytest.approx(native.input_size / native.resize, abs=0.01)
+    from PIL import Image
+    with Image.open(tmp_path / "t" / "augmented.png") as im:    # 4 x 4 crops of train_size, 2 px apart
+        assert im.width == 4 * (native.input_size + 2) + 2
+    assert train.presets.eval_transform(pp)(Image.new("RGB", (300, 200))).shape[-1] == pp.input_size
+    assert train.at_test_size(native, 0) == native
