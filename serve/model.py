@@ -74,21 +74,18 @@ def read_card(path):
 
 
 class Model:
-    """A card's model: ONNX Runtime session, class names and preprocessing from the ONNX metadata."""
+    """A card's model: ONNX Runtime sessions (batch 1 and dynamic), class names and preprocessing from the ONNX
+    metadata."""
 
     def __init__(self, card_path, threads):
         self.card = read_card(card_path)
-        self.sess = export.session(self.card["model"], threads, spinning=False)   # decoders share the cores
+        self.infer = export.Runner(self.card["model"], threads, spinning=False)   # decoders share the cores
+        self.sess = self.infer.sess
         try:
             self.classes, self.pp = export.metadata(self.sess)
         except KeyError as e:
             raise UserError(f"{self.card['model']} lacks the metadata {e} that stages.export writes") from None
         self.transform = presets.eval_transform(self.pp)
-        self.input = self.sess.get_inputs()[0].name
-
-    def infer(self, x):
-        """(n, 3, H, W) float32 -> (n, classes) logits."""
-        return self.sess.run(None, {self.input: x})[0]
 
     def info(self):
         """What a client may know: no file paths."""

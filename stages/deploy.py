@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from stages import presets, prune, quantize  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section, sha256  # noqa: E402
 from stages.evaluate import scores  # noqa: E402
-from stages.export import parity, predict_onnx, session, to_onnx  # noqa: E402
+from stages.export import Runner, parity, predict_onnx, to_onnx  # noqa: E402
 from stages.prepare import read_manifest  # noqa: E402
 from stages.train import load_model, loader, predict  # noqa: E402
 
@@ -162,18 +162,18 @@ def variants(checkpoint, onnx_path, pruned, work, cal_rows, cal_x, hold, p):
 
 def measure(model, classes, files, val, p):
     """The variant table (scores on val against the PyTorch logits; interleaved timings) and the logits."""
-    sessions = {n: session(f, p.threads) for n, f in files.items() if n != BASELINE}
+    runners = {n: Runner(f, p.threads) for n, f in files.items() if n != BASELINE}   # as the server runs them
     before = torch.get_num_threads()
     torch.set_num_threads(p.threads)
     try:
         ref, labels = predict(model, val, "cpu")
-        logits = {BASELINE: ref, **{n: predict_onnx(s, val)[0] for n, s in sessions.items()}}
+        logits = {BASELINE: ref, **{n: predict_onnx(r.sess, val)[0] for n, r in runners.items()}}
 
         def eager(x):
             with torch.inference_mode():
                 return model(torch.from_numpy(x))
 
-        runners = {BASELINE: eager, **{n: lambda x, s=s: s.run(None, {"input": x}) for n, s in sessions.items()}}
+        runners = {BASELINE: eager, **runners}
         x = val[0][0].numpy()
         timing = bench(runners, x[:1], np.resize(x, (p.batch_size, *x.shape[1:])), p)
     finally:

@@ -22,6 +22,14 @@ def test_export_checks_parity_and_carries_metadata(tmp_path, manifest, checkpoin
         x = np.zeros((batch, 3, pp.input_size, pp.input_size), np.float32)
         assert sess.run(None, {"input": x})[0].shape == (batch, 2)
 
+    run = export.Runner(path, threads=1)                                  # batch-1 session + dynamic one
+    assert run.single.get_inputs()[0].shape[0] == 1 and run.sess.get_inputs()[0].shape[0] == export.BATCH
+    x = np.random.default_rng(0).normal(size=(3, 3, pp.input_size, pp.input_size)).astype(np.float32)
+    whole = run(x)
+    assert whole.shape == (3, 2)
+    for i in range(3):
+        np.testing.assert_allclose(run(x[i:i + 1]), whole[i:i + 1], atol=1e-5)
+
 
 def test_a_model_outside_tolerance_is_not_written(tmp_path, manifest, checkpoint):
     with pytest.raises(UserError, match="disagrees with PyTorch"):
