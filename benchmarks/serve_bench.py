@@ -1,6 +1,6 @@
 """Benchmark the HTTP service against ONNX Runtime in-process, in one run on one machine (prints, never asserts).
 
-The server runs in its own process (`serve.app.serve`) on the pipeline's model: outputs/export/card.json, or a
+The server runs in its own process (`serve.app.serve`) on the pipeline's model: outputs/deploy/card.json, or a
 card written here for outputs/export/model.onnx, or else a tiny model built here. Clients send one real photo
 per request at concurrency 1, 8 and 32 for a fixed time each; in-process ORT runs batches of 32 of the same
 preprocessed photo with the same thread budget. Client and server share this machine's cores.
@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve.model import preprocess, torch_threads
 from stages.config import UserError
 
-CARD, MODEL = Path("outputs/export/card.json"), Path("outputs/export/model.onnx")
+CARD, MODEL = Path("outputs/deploy/card.json"), Path("outputs/export/model.onnx")
 
 
 def pick_card(tmp):
