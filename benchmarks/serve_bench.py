@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.model import preprocess, torch_threads
+from serve.model import preprocess
 from stages.config import UserError
 
 CARD, MODEL = Path("outputs/deploy/card.json"), Path("outputs/export/model.onnx")
@@ -81,7 +81,7 @@ def in_process(model, p, data, seconds):
     """{name: images/s}: ORT alone at batch 32; decode + ORT at batch 32 (decoding on `decode_threads` threads,
     as the server does); one image end to end; preprocessing alone."""
     prep = functools.partial(preprocess, transform=model.transform, max_pixels=p.max_pixels)
-    with torch_threads(1), concurrent.futures.ThreadPoolExecutor(p.decode_threads) as pool:
+    with concurrent.futures.ThreadPoolExecutor(p.decode_threads) as pool:
         batch = np.stack([prep(data)] * 32)
         return {"ort32": 32 * rate(lambda: model.infer(batch), seconds),
                 "e2e32": 32 * rate(lambda: model.infer(np.stack(list(pool.map(prep, [data] * 32)))), seconds),

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serve.batcher import Batcher
-from serve.model import InputError, Model, Params, preprocess, softmax, top_k, torch_threads
+from serve.model import InputError, Model, Params, preprocess, softmax, top_k
 from stages.config import UserError, cli, load_section
 
 API_KEY_ENV = "SERVE_API_KEY"
@@ -224,8 +224,7 @@ def create_app(card_path, p):
     async def lifespan(app):
         await batcher.start()
         try:
-            with torch_threads(1):
-                yield
+            yield
         finally:                                    # uvicorn has let in-flight requests finish by now
             await batcher.stop()
             decode_pool.shutdown()

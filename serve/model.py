@@ -1,14 +1,12 @@
 """The deploy model as the server and the folder predictor see it: a verified model card, an ONNX Runtime
 session, and untrusted image bytes turned into network input by `stages.presets` (never by code of its own).
 """
-import contextlib
 import dataclasses
 import io
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from stages import export, presets
@@ -94,21 +92,6 @@ class Model:
                 "version": {"git_rev": self.card.get("git_rev"), "dvc_md5": self.card.get("dvc_md5"),
                             "sha256": self.card["sha256"]},
                 "input_size": self.pp.input_size, "preprocessing": dataclasses.asdict(self.pp)}
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """Torch's intra-op thread count set to `n` for the duration, then restored.
-
-    Torch only preprocesses here: small per-image tensors, already parallel across decode threads. Its own
-    pool on top only contends (per image on 2 busy cores: 25 ms with 2 threads, 1.6 ms with 1).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def preprocess(data, transform, max_pixels):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from serve.model import InputError, Model, Params, preprocess, softmax, top_k, torch_threads
+from serve.model import InputError, Model, Params, preprocess, softmax, top_k
 from stages.config import UserError, atomic_write, cli, load_section
 
 FIELDS = ["path", "top1", "probability", "top_k", "error"]
@@ -56,8 +56,7 @@ def run(card, images, out, p):
     files = sorted(f for f in images.rglob("*") if f.is_file())
     if not files:
         raise UserError(f"{images} holds no files")
-    with torch_threads(1):
-        rows = predict(Model(card, p.threads), files, p, desc="predict_folder")
+    rows = predict(Model(card, p.threads), files, p, desc="predict_folder")
     for r in rows:
         r["path"] = r["path"].relative_to(images).as_posix()
 
