@@ -1,7 +1,7 @@
 """Benchmark the HTTP service against ONNX Runtime in-process, in one run on one machine (prints, never asserts).
 
-The server runs in its own process (`serve.app.serve`) on the pipeline's model: outputs/deploy/card.json, or a
-card written here for outputs/export/model.onnx, or else a tiny model built here. Clients send one real photo
+The server runs in its own process (`serve.app.serve`) on the pipeline's model: the one outputs/deploy/card.json
+names, or outputs/export/model.onnx, or else a tiny model built here. Clients send one real photo
 per request at concurrency 1, 8 and 32 for a fixed time each; in-process ORT runs batches of 32 of the same
 preprocessed photo with the same thread budget. Client and server share this machine's cores.
 Run from the project root: python -m benchmarks.serve_bench [--seconds 10]
@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import os
@@ -32,15 +31,14 @@ from stages.config import UserError
 CARD, MODEL = Path("outputs/deploy/card.json"), Path("outputs/export/model.onnx")
 
 
-def pick_card(tmp):
-    """(card path, description): the pipeline's card, a card for the pipeline's model, or a tiny model's."""
+def pick_model(tmp):
+    """(ONNX path, variant, description): the model the deploy stage chose, export's, or a tiny one built here.
+    `benchmarks.serving.run` writes the card the server checks."""
     if CARD.exists():
-        return CARD, f"pipeline model ({CARD})"
+        card = json.loads(CARD.read_text())
+        return card["model"], card["variant"], f"pipeline model ({CARD})"
     if MODEL.exists():
-        card = {"model": str(MODEL), "sha256": hashlib.sha256(MODEL.read_bytes()).hexdigest(),
-                "variant": "onnx_fp32", "git_rev": "bench"}
-        (tmp / "card.json").write_text(json.dumps(card))
-        return tmp / "card.json", f"pipeline model ({MODEL}; no card yet, one written for the run)"
+        return str(MODEL), "onnx_fp32", f"pipeline model ({MODEL}; no deploy card yet)"
     from stages import export, prepare, train
     from tests.conftest import COLORS, TINY, make_image
     for split, n in (("train", 10), ("val", 4)):
@@ -50,10 +48,7 @@ def pick_card(tmp):
     prepare.run(tmp / "img", tmp / "prepare", prepare.Params(source=str(tmp / "img")))
     train.run(tmp / "prepare/manifest.csv", tmp / "train", train.Params(**TINY))
     export.run(tmp / "train/model.pt", tmp / "prepare/manifest.csv", tmp / "export", export.Params())
-    onnx = tmp / "export/model.onnx"
-    card = {"model": str(onnx), "sha256": hashlib.sha256(onnx.read_bytes()).hexdigest(), "variant": "onnx_fp32"}
-    (tmp / "card.json").write_text(json.dumps(card))
-    return tmp / "card.json", "tiny test model built here (no pipeline model found)"
+    return str(tmp / "export/model.onnx"), "onnx_fp32", "tiny test model built here (no pipeline model found)"
 
 
 def photo():
@@ -171,10 +166,9 @@ def main():
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per concurrency level")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        card, what = pick_card(Path(tmp))
-        card = json.loads(card.read_text())
+        model, variant, what = pick_model(Path(tmp))
         print(f"model: {what}")
-        r = serving.run(card["model"], card["variant"], tmp, args.seconds, repeats=1)
+        r = serving.run(model, variant, tmp, args.seconds, repeats=1)
     med = {k: v["median"] for k, v in r["inprocess"].items()}
     print(f"image: {r['image']} ({r['image_bytes']:,} bytes)\nparams: {r['params']}\n")
     print(f"{'mode':<34}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>8}{'requests':>10}")

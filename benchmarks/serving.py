@@ -5,7 +5,6 @@ the mean of the two runs either side of it (client, server and ORT share this ma
 """
 import asyncio
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 from benchmarks import serve_bench
 from benchmarks.timing import pairwise, section, spread, wall
 from serve.model import Model, Params
+from stages.config import sha256
 
 LEVELS = (1, 8, 32)
 
@@ -21,7 +21,7 @@ LEVELS = (1, 8, 32)
 def write_card(onnx_path, variant, path):
     """A model card for `onnx_path`, as the server reads one (the file's SHA-256 is checked at start)."""
     card = {"model": str(Path(onnx_path).resolve()), "variant": variant, "git_rev": "bench",
-            "sha256": hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()}
+            "sha256": sha256(onnx_path)}
     Path(path).write_text(json.dumps(card))
     return Path(path)
 
