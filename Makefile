@@ -41,7 +41,7 @@ serve: $(STAMP)
 predict-folder: $(STAMP)
 	python -m serve.predict_folder --card $(CARD) --images $(IMAGES) --out $(OUT)
 
-# Benchmarks against the classic recipe and the alternatives (about an hour on 2 quiet cores):
+# Benchmarks against the classic recipe and the alternatives (36 min on 2 quiet cores, 2026-11-28):
 # benchmarks/RESULTS.md. `python -m benchmarks.run --quick --out /tmp/bench` checks the harness in minutes.
 bench: $(STAMP)
 	python -m benchmarks.run --out benchmarks
