@@ -236,24 +236,27 @@ def create_app(card_path, p):
                                          Exception: internal_error})
 
 
+def config(app, p, **options):
+    """uvicorn's settings for `app`: the one place where the `serve` params become server behaviour. `options`
+    are further uvicorn.Config arguments (the tests quieten the log)."""
+    return uvicorn.Config(app, host=p.host, port=p.port, limit_concurrency=p.max_connections,
+                          timeout_keep_alive=p.keep_alive_s, timeout_graceful_shutdown=10, server_header=False,
+                          loop="uvloop", http="httptools", **options)
+
+
 def serve(card_path, p):
     """Run the service until interrupted."""
-    uvicorn.run(create_app(card_path, p), host=p.host, port=p.port, limit_concurrency=p.max_connections,
-                timeout_graceful_shutdown=10, server_header=False, loop="uvloop", http="httptools")
-
-
-def from_env():
-    """For `uvicorn --factory serve.app:from_env`: the card from $SERVE_CARD, params from params.yaml."""
-    try:
-        return create_app(os.environ.get("SERVE_CARD", "outputs/export/card.json"), load_section(Params, "serve"))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    server = uvicorn.Server(config(create_app(card_path, p), p))
+    server.run()
+    if not server.started:                          # the lifespan failed; uvicorn has logged why
+        sys.exit(3)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--card", required=True, help="the model card JSON written by the export stage")
+    card = os.environ.get("SERVE_CARD")
+    ap.add_argument("--card", required=card is None, default=card,
+                    help="the model card JSON the deploy stage wrote (default: $SERVE_CARD)")
     ap.add_argument("--host", help="overrides params.yaml serve.host (a container listens on 0.0.0.0)")
     ap.add_argument("--port", type=int, help="overrides params.yaml serve.port")
     args = ap.parse_args()

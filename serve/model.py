@@ -30,15 +30,16 @@ class Params:
     max_pixels: int = 40_000_000      # per image, read from its header before decoding (~120 MB as RGB)
     max_connections: int = 64         # beyond it, 503: with max_body_bytes it bounds the memory held by bodies
     read_timeout_s: float = 30.0      # to receive a whole body: a slow client cannot hold a connection forever
+    keep_alive_s: float = 75.0        # idle connections stay open this long: above any client's or balancer's
 
     def __post_init__(self):
         for name in ("max_batch_size", "threads", "decode_threads", "top_k", "max_body_bytes", "max_images",
                      "max_pixels", "max_connections"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
-        if self.max_wait_ms < 0 or self.read_timeout_s <= 0:
-            raise ValueError(f"max_wait_ms must be >= 0 and read_timeout_s > 0, not {self.max_wait_ms} and "
-                             f"{self.read_timeout_s}")
+        if self.max_wait_ms < 0 or self.read_timeout_s <= 0 or self.keep_alive_s <= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, read_timeout_s and keep_alive_s > 0, not "
+                             f"{self.max_wait_ms}, {self.read_timeout_s} and {self.keep_alive_s}")
 
 
 class InputError(Exception):
