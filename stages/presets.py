@@ -11,8 +11,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2 as T
 
-INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
-                  "nearest": T.InterpolationMode.NEAREST}
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")   # the names torchvision and PIL share (upper case in PIL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +22,10 @@ class Preprocessing:
     std: tuple
     interpolation: str = "bicubic"
     train_size: int = 0      # square of training's random crops, px; 0: input_size (see train.at_test_size)
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self))
@@ -66,7 +69,7 @@ class EvalTransform:
 
     def __init__(self, pp):
         self.size, self.resize = pp.input_size, pp.resize
-        self.mode = getattr(Image.Resampling, pp.interpolation.upper())
+        self.mode = Image.Resampling[pp.interpolation.upper()]
         self.scale = (1 / (255 * np.asarray(pp.std, np.float32))).reshape(3, 1, 1)
         self.shift = (np.asarray(pp.mean, np.float32) / np.asarray(pp.std, np.float32)).reshape(3, 1, 1)
 
@@ -91,7 +94,7 @@ def eval_transform(pp):
 
 def train_transform(pp, scale=(0.35, 1.0), hflip=0.5, policy="none"):
     """Random resized crop and flip, plus an optional automatic augmentation policy."""
-    mode = INTERPOLATIONS[pp.interpolation]
+    mode = T.InterpolationMode(pp.interpolation)
     size = pp.train_size or pp.input_size
     ops = [T.RandomResizedCrop(size, scale=tuple(scale), interpolation=mode, antialias=True)]
     if hflip:

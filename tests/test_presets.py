@@ -13,7 +13,7 @@ PHOTOS = sorted((ROOT / "data/hymenoptera").glob("*/*/*.jpg"))[::25]
 
 
 def reference(pp):
-    mode = presets.INTERPOLATIONS[pp.interpolation]
+    mode = T.InterpolationMode(pp.interpolation)
     return T.Compose([T.Resize(pp.resize, interpolation=mode, antialias=True), T.CenterCrop(pp.input_size),
                       T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pp.mean, pp.std)])
 
