@@ -56,6 +56,7 @@ class Params:
     int8: dict = dataclasses.field(default_factory=dict)   # quantize.Settings' fields
     tries: tuple = ({},)               # overrides of `int8`, tried in turn
     exclude_worst: int = 2             # every try failed: once more, this many worst module scopes in FP32
+    diagnose: bool = True              # INT8 under the agreement budget: name the module scopes to blame
     seed: int = 0
 
     def __post_init__(self):
@@ -205,10 +206,9 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
             v.update(within_budget=int(n == chosen or reasons[n].startswith("within")), chosen=int(n == chosen))
         for n, rec in int8.items():            # what quantization alone costs, against its own FP32 source
             rec["val_agreement_with_source"] = parity(logits[SOURCES[n]], logits[n])["top1_agreement"]
-            if rec["val_agreement_with_source"] < p.budget.min_agreement and rec["diagnosis"] is None:
+            if p.diagnose and rec["val_agreement_with_source"] < p.budget.min_agreement and not rec["diagnosis"]:
                 rec["diagnosis"] = quantize.diagnose(files[SOURCES[n]], Path(work), cal_x,
-                                                     quantize.settings(rec["settings"]), hold, p.threads,
-                                                     p.exclude_worst)
+                                                     quantize.settings(rec["settings"]), hold, p.threads)
         card = {"model": (Path(out_dir) / "model.onnx").as_posix(), "sha256": None, "variant": chosen,
                 "reason": reasons[chosen], "classes": classes, "preprocessing": dataclasses.asdict(pp),
                 "backbone": ckpt["backbone"], "calibration_sha256": int8.get(chosen, {}).get("calibration_sha256"),

@@ -143,9 +143,10 @@ def scopes(path, max_groups=16):
     return groups
 
 
-def diagnose(src, work, cal_x, s, hold_x, threads, top=5):
+def diagnose(src, work, cal_x, s, hold_x, threads, exclude=0, top=5):
     """Which layers break agreement: the INT8 model re-measured with each module scope left in FP32 in turn
-    (calibrated once); the `top` scopes whose exclusion recovers the most logit SNR on holdout, best first."""
+    (calibrated once); the `top` scopes whose exclusion recovers the most logit SNR on holdout, best first,
+    and the nodes of the worst `exclude` of them."""
     cache, path = work / "diagnose-calibration.json", work / "diagnose.onnx"
     cache.unlink(missing_ok=True)
     ref = predict_onnx(session(src, threads), hold_x)[0]
@@ -160,8 +161,8 @@ def diagnose(src, work, cal_x, s, hold_x, threads, top=5):
                      "holdout_logit_sqnr_db": r["holdout_logit_sqnr_db"],
                      "gain_db": round(r["holdout_logit_sqnr_db"] - base["holdout_logit_sqnr_db"], 2)})
     rows.sort(key=lambda r: -r["gain_db"])
-    worst = [{**r, "nodes": len(r["nodes"])} for r in rows[:top]]
-    return {"int8_all": base, "worst": worst, "exclude": [n for r in rows[:top] for n in r["nodes"]]}
+    worst = [{**r, "nodes": len(r["nodes"])} for r in rows[:max(top, exclude)]]
+    return {"int8_all": base, "worst": worst, "exclude": [n for r in rows[:exclude] for n in r["nodes"]]}
 
 
 def search(name, src, work, cal_rows, cal_x, hold_x, p):
@@ -174,7 +175,7 @@ def search(name, src, work, cal_rows, cal_x, hold_x, p):
         if i < len(tries):
             s = settings(p.int8, tries[i])
         elif p.exclude_worst:             # every try failed: one more, the worst scopes left in FP32
-            diagnosis = diagnose(src, work, cal_x, best[2], hold_x, p.threads, p.exclude_worst)
+            diagnosis = diagnose(src, work, cal_x, best[2], hold_x, p.threads, exclude=p.exclude_worst)
             s = dataclasses.replace(best[2], nodes_to_exclude=(*best[2].nodes_to_exclude, *diagnosis["exclude"]))
         else:
             break

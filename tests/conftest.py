@@ -113,7 +113,7 @@ def reproduced(tmp_path_factory):
                train={"lp_steps": 100, "ft_epochs": 1, "batch_size": 8, "select": "best"},
                orchestrate={"retries": 0}, prune={"epochs": 0},
                deploy={"rounds": 1, "repeats": 3, "batch_repeats": 1, "warmup": 1, "tries": [{}],
-                       "exclude_worst": 0})
+                       "exclude_worst": 0, "diagnose": False})
     sh(repo, "git", "init", "-q")
     out = sh(repo, "dvc", "repro").stdout
     sh(repo, "git", "add", "-A")

@@ -127,11 +127,11 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     cal_x = next(iter(loader(calibration, classes, tf, 8)))[0].numpy()
     path, rec = quantize.search("q", onnx_path, tmp_path, calibration, cal_x, hold, strict)
     worst = rec["diagnosis"]["worst"]
-    assert len(rec["tries"]) == len(FAST["tries"]) + 1 and len(worst) == 2
-    assert worst[0]["gain_db"] >= worst[1]["gain_db"]
+    assert len(rec["tries"]) == len(FAST["tries"]) + 1 and 2 <= len(worst) <= 5
+    assert [w["gain_db"] for w in worst] == sorted((w["gain_db"] for w in worst), reverse=True)
     assert all(w["scope"].startswith("/") and w["nodes"] > 0 for w in worst)
     excluded = rec["tries"][-1]["settings"]["nodes_to_exclude"]
-    assert list(excluded) == rec["diagnosis"]["exclude"] and len(excluded) == sum(w["nodes"] for w in worst)
+    assert list(excluded) == rec["diagnosis"]["exclude"] and len(excluded) == sum(w["nodes"] for w in worst[:2])
     last = onnx.load(str(tmp_path / f"q-try{len(FAST['tries'])}.onnx"))
     dequantized = {o for n in last.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     assert {n.name for n in last.graph.node} >= set(excluded)

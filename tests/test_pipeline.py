@@ -37,7 +37,7 @@ def test_changing_a_train_param_reruns_train_not_prepare(clone):
     set_params(clone, train={"lp_steps": 90})
     status = json.loads(sh(clone, "dvc", "status", "--json").stdout)
     assert "train" in status and "prepare" not in status and "validate" not in status
-    out = sh(clone, "dvc", "repro").stdout
+    out = sh(clone, "dvc", "repro", "train").stdout
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Running stage 'train'" in out
 
@@ -80,8 +80,8 @@ def test_a_past_experiment_comes_back_exactly(clone):
     assert md5(clone / "outputs/train/model.pt") == first["outputs/train/model.pt"]     # the exact bytes
     assert md5(clone / "outputs/export/model.onnx") == first["outputs/export/model.onnx"]
     assert (clone / "outputs/evaluate/metrics.json").read_text() == first_metrics
-    sh(clone, "dvc", "repro", "--force", "train")                # retrain from scratch...
-    sh(clone, "dvc", "repro")
+    sh(clone, "dvc", "repro", "--force", "--single-item", "train")    # retrain from scratch...
+    sh(clone, "dvc", "repro", "evaluate")
     assert (clone / "outputs/evaluate/metrics.json").read_text() == first_metrics   # ...same metrics
 
 
