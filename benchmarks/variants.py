@@ -2,7 +2,8 @@
 
 PyTorch eager FP32, ONNX FP32 (`stages.export`), its static INT8, the pruned checkpoint (`stages.prune`) as ONNX
 FP32 and its INT8 (`stages.deploy.variants`); accuracy on val, file size, batch-1 latency p50/p99 and batch
-throughput (`stages.deploy.measure`: every variant in one process, interleaved by round) at each thread count.
+throughput (`stages.deploy.measure`: each variant in a process of its own, interleaved by round) at each thread
+count.
 """
 import dataclasses
 from pathlib import Path

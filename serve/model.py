@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages import export, presets
+from stages import export, presets, runtime
 from stages.config import UserError, sha256
 
 # Decoders reachable from the network. PIL has riskier ones (EPS runs Ghostscript); these cover cameras and web.
@@ -78,7 +78,7 @@ class Model:
 
     def __init__(self, card_path, threads):
         self.card = read_card(card_path)
-        self.infer = export.Runner(self.card["model"], threads, spinning=False)   # decoders share the cores
+        self.infer = runtime.Runner(self.card["model"], threads, spinning=False)   # decoders share the cores
         self.sess = self.infer.sess
         try:
             self.classes, self.pp = export.metadata(self.sess)

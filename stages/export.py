@@ -9,16 +9,15 @@ import json
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 import torch
 
 from stages import presets
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section
 from stages.prepare import read_manifest
+from stages.runtime import BATCH, session
 from stages.train import load_model, loader, predict
 
 OPSET = 17
-BATCH = "batch"          # the name of the ONNX model's dynamic batch axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,33 +38,6 @@ def to_onnx(model, classes, pp, path, extra=None):
     for k, v in {"classes": json.dumps(classes), "preprocessing": pp.to_json(), **(extra or {})}.items():
         m.metadata_props.add(key=k, value=v)
     onnx.save(m, str(path))
-
-
-def session(path, threads=0, spinning=True, batch=None):
-    """An ONNX Runtime CPU session; `threads` 0 lets ONNX Runtime choose. A server that also decodes
-    images turns `spinning` off: idle ORT threads would busy-wait on the cores the decoders need.
-    `batch` fixes the dynamic batch axis: a session planned for one shape runs a single image about a
-    quarter faster here than the dynamic one (best of 160 runs: 10.9 ms against 14.4 ms for Lite0 at 256 px)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if batch:
-        opts.add_free_dimension_override_by_name(BATCH, batch)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-class Runner:
-    """Runs an ONNX model on any batch: a batch-1 session for single images, the dynamic one otherwise."""
-
-    def __init__(self, path, threads=0, spinning=True):
-        self.sess = session(path, threads, spinning)
-        self.single = session(path, threads, spinning, batch=1)
-        self.input = self.sess.get_inputs()[0].name
-
-    def __call__(self, x):
-        """(n, 3, H, W) float32 -> (n, classes) logits."""
-        return (self.single if len(x) == 1 else self.sess).run(None, {self.input: x})[0]
 
 
 def metadata(sess):

@@ -19,7 +19,8 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from stages.config import UserError
-from stages.export import parity, predict_onnx, session
+from stages.export import parity, predict_onnx
+from stages.runtime import session
 
 TYPES = {"QInt8": QuantType.QInt8, "QUInt8": QuantType.QUInt8}
 CALIBRATIONS = {"MinMax": CalibrationMethod.MinMax, "Entropy": CalibrationMethod.Entropy,

@@ -2,12 +2,13 @@ import csv
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 
 import numpy as np
 import onnx
 import pytest
 
-from stages import deploy, export, presets, prune, quantize
+from stages import deploy, export, presets, prune, quantize, runtime
 from stages.config import UserError
 from stages.prepare import read_manifest
 from stages.train import loader
@@ -83,7 +84,7 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     meta = {e.key: e.value for e in onnx.load(str(out / "model.onnx")).metadata_props}
     assert meta["variant"] == "onnx_fp32" and json.loads(meta["classes"]) == card["classes"] == ["blue", "red"]
     assert json.loads(meta["params"])["deploy"]["budget"]["min_speedup"] == 1000.0 and meta["opset"] == "17"
-    assert export.metadata(export.session(out / "model.onnx"))[0] == ["blue", "red"]   # what the server reads
+    assert export.metadata(runtime.session(out / "model.onnx"))[0] == ["blue", "red"]   # what the server reads
 
     names = ["pytorch_fp32", "onnx_fp32", "onnx_int8", "pruned_fp32", "pruned_int8"]
     assert json.loads((out / "variants.json").read_text()) == variants and sorted(variants) == sorted(names)
@@ -91,8 +92,9 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     for n, v in variants.items():
         assert 0 < v["latency_ms_min"] <= v["latency_ms_p50"] <= v["latency_ms_p99"] <= v["latency_ms_max"]
-        assert v["throughput_b8"] > 0 and v["chosen"] == (n == "onnx_fp32")
+        assert v["throughput_b8"] > 0 and v["latency_ms_p50_after_batch"] > 0 and v["chosen"] == (n == "onnx_fp32")
         assert report["reasons"][n].startswith(("baseline", "chosen", "over budget", "not faster"))
+    assert not multiprocessing.active_children()           # the timing processes, one per variant, are gone
     assert variants["onnx_fp32"]["agreement"] == 1.0 and variants["onnx_fp32"]["max_logit_diff"] < 1e-3
     assert variants["onnx_int8"]["size_mb"] < variants["onnx_fp32"]["size_mb"]
     size = {n: v["size_mb"] for n, v in variants.items()}
@@ -109,14 +111,14 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
 
     # INT8 on its own, on a fixed batch: smaller, metadata kept, and close to FP32. The tiny model is nearly
     # untrained, so its logits crowd together: allow one flip in 8 and an error of a tenth of the logit range.
-    tf = presets.eval_transform(export.metadata(export.session(onnx_path))[1])
+    tf = presets.eval_transform(export.metadata(runtime.session(onnx_path))[1])
     x = next(iter(loader(calibration, classes, tf, 8)))[0].numpy()
     val_rows, _ = read_manifest(manifest, {"val"})
     v = next(iter(loader(val_rows, classes, tf, 8)))[0].numpy()
     quantize.quantize(onnx_path, tmp_path / "int8.onnx", [x], quantize.Settings(calibration_size=8))
     assert (tmp_path / "int8.onnx").stat().st_size < onnx_path.stat().st_size
-    fp32, int8 = (export.session(f).run(None, {"input": v})[0] for f in (onnx_path, tmp_path / "int8.onnx"))
-    assert export.metadata(export.session(tmp_path / "int8.onnx"))[0] == classes
+    fp32, int8 = (runtime.session(f).run(None, {"input": v})[0] for f in (onnx_path, tmp_path / "int8.onnx"))
+    assert export.metadata(runtime.session(tmp_path / "int8.onnx"))[0] == classes
     assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 7 / 8
     assert np.abs(fp32 - int8).max() <= 0.1 * (fp32.max() - fp32.min())
 

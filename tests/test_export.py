@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from stages import export
+from stages import export, runtime
 from stages.config import UserError
 
 
@@ -15,15 +15,15 @@ def test_export_checks_parity_and_carries_metadata(tmp_path, manifest, checkpoin
     path = tmp_path / "e" / "model.onnx"
     onnx.checker.check_model(onnx.load(str(path)))
     assert not list((tmp_path / "e").glob("*.data"))                     # one self-contained file
-    sess = export.session(path)
+    sess = runtime.session(path)
     classes, pp = export.metadata(sess)
     assert classes == ["blue", "red"] and pp.input_size > 0
     for batch in (1, 5):                                                  # dynamic batch axis
         x = np.zeros((batch, 3, pp.input_size, pp.input_size), np.float32)
         assert sess.run(None, {"input": x})[0].shape == (batch, 2)
 
-    run = export.Runner(path, threads=1)                                  # batch-1 session + dynamic one
-    assert run.single.get_inputs()[0].shape[0] == 1 and run.sess.get_inputs()[0].shape[0] == export.BATCH
+    run = runtime.Runner(path, threads=1)                                  # batch-1 session + dynamic one
+    assert run.single.get_inputs()[0].shape[0] == 1 and run.sess.get_inputs()[0].shape[0] == runtime.BATCH
     x = np.random.default_rng(0).normal(size=(3, 3, pp.input_size, pp.input_size)).astype(np.float32)
     whole = run(x)
     assert whole.shape == (3, 2)

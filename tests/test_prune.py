@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch_pruning as tp
 
-from stages import backbones, export, presets, prune, train
+from stages import backbones, export, presets, prune, runtime, train
 from stages.config import UserError
 from stages.prepare import read_manifest
 
@@ -32,7 +32,7 @@ def test_pruning_shrinks_the_model_which_reloads_safely_and_exports_with_parity(
     batches = train.loader(rows, classes, presets.eval_transform(pp), 8)
     export.to_onnx(model, classes, pp, tmp_path / "pruned.onnx")
     result = export.parity(train.predict(model, batches, "cpu")[0],
-                           export.predict_onnx(export.session(tmp_path / "pruned.onnx"), batches)[0])
+                           export.predict_onnx(runtime.session(tmp_path / "pruned.onnx"), batches)[0])
     assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] < 1e-3
 
 

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve import app as serve_app, predict_folder, triton
 from serve.batcher import Batcher
 from serve.model import Params
-from stages import export, prepare, presets, train
+from stages import export, prepare, presets, runtime, train
 from stages.config import UserError
 from tests.conftest import COLORS, ROOT, TINY, make_image
 
@@ -77,7 +77,7 @@ PROBES = [(encode((200, 40, 40), (48, 40), "PNG"), "image/png"),
 
 def offline(card_path):
     """Class names and softmax probabilities of PROBES from ONNX Runtime in-process, no server involved."""
-    sess = export.session(json.loads(card_path.read_text())["model"])
+    sess = runtime.session(json.loads(card_path.read_text())["model"])
     classes, pp = export.metadata(sess)
     t = presets.eval_transform(pp)
     x = torch.stack([t(presets.load_rgb(io.BytesIO(data))) for data, _ in PROBES])
@@ -418,7 +418,7 @@ def parse_pbtxt(text):
 
 def test_triton_repository_matches_the_onnx_graph(card, tmp_path):
     model = json.loads(card.read_text())["model"]
-    classes, pp = export.metadata(export.session(model))
+    classes, pp = export.metadata(runtime.session(model))
     triton.run(model, tmp_path / "repo", max_batch_size=8, max_queue_delay_us=5000, threads=1)
     root = tmp_path / "repo" / "classifier"
     assert (root / "1" / "model.onnx").read_bytes() == open(model, "rb").read()
