@@ -128,10 +128,11 @@ def after_batch(table, n):
 
 
 def section_deploy(d):
+    t = d["timing"]
     lines = [f"Val images {d['val_images']}; each variant in a process of its own; batch-1 latency over "
-             f"{d['timing']['rounds']} interleaved rounds x {d['timing']['repeats']} runs, then batch-{d['batch_size']} "
-             f"throughput over {d['timing']['rounds']} x {d['timing']['batch_repeats']} runs, then batch-1 latency "
-             f"again ('after a batch': see `stages/deploy.py` on PyTorch's page faults); pruning: {d['prune']['ratio']} of channels "
+             f"{t['rounds']} interleaved rounds x {t['repeats']} runs, then batch-{d['batch_size']} throughput over "
+             f"{t['rounds']} x {t['batch_repeats']} runs, then batch-1 latency again ('after a batch': see "
+             f"`stages/deploy.py` on PyTorch's page faults); pruning: {d['prune']['ratio']} of channels "
              f"({d['prune']['params_kept']:.0%} of parameters, {d['prune']['macs_kept']:.0%} of MACs kept), "
              f"prune stage (pruning + recovery) {d['prune_s']} s; variants built in {d['quantize_s']} s. "
              f"The deploy rule "

@@ -292,8 +292,8 @@ def main():
                          load_section(Params, "deploy"))
     for n, v in table.items():
         print(f"deploy: {n:<13} accuracy {v['accuracy']:.4f} agreement {v['agreement']:.4f} batch-1 p50 "
-              f"{v['latency_ms_p50']:8.2f} ms ({v['speedup_b1']:.2f}x; after a batch {v['latency_ms_p50_after_batch']:.2f} "
-              f"ms) {v['size_mb']:7.2f} MB")
+              f"{v['latency_ms_p50']:8.2f} ms ({v['speedup_b1']:.2f}x; after a batch "
+              f"{v['latency_ms_p50_after_batch']:.2f} ms) {v['size_mb']:7.2f} MB")
     print(f"deploy: {card['variant']}: {card['reason']}")
 
 

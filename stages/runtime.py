@@ -42,8 +42,8 @@ _model = None            # the timing worker's model: one per process
 
 
 def load(path, threads):
-    """Timing worker's initializer: an ONNX file through `Runner` (as the server runs it), any other file as a
-    PyTorch checkpoint run eagerly (`model.eval()` and `torch.inference_mode()`, the classic recipe)."""
+    """Timing worker's initializer: an ONNX file through `Runner`, any other file as a PyTorch checkpoint run
+    eagerly (in eval mode, under `torch.inference_mode()`)."""
     global _model
     if Path(path).suffix == ".onnx":
         _model = Runner(path, threads)
