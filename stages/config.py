@@ -4,9 +4,11 @@ import dataclasses
 import difflib
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
 import yaml
@@ -18,12 +20,60 @@ class UserError(Exception):
     """Bad input the user can fix; printed as one line, never as a traceback."""
 
 
+class Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-3` is a string; DVC (ruamel) and YAML 1.2 read it as a number."""
+
+
+Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                             list("-+0123456789."))
+
+
+def read_params(path=PARAMS):
+    """The whole of `params.yaml` as plain values, numbers as YAML 1.2 reads them (what DVC sees)."""
+    return yaml.load(Path(path).read_text(), Loader) or {}
+
+
+KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", tuple: "a list",
+         dict: "a mapping"}
+
+
+def typed(cls, values, where):
+    """`values` checked against the dataclass `cls`'s field types: an integral float is an int, an int is a
+    float, a list is a tuple; anything else wrong is a UserError naming `where.key` and the type expected."""
+    hints, out = typing.get_type_hints(cls), dict(values)
+    for key, value in values.items():
+        kind = hints.get(key)
+        if kind not in KINDS or isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = float(value)
+        elif kind is int and isinstance(value, float) and value.is_integer():
+            out[key] = int(value)
+        elif kind is tuple and isinstance(value, list):
+            out[key] = tuple(value)
+        elif kind is dict and value is None:
+            out[key] = {}
+        else:
+            got = f"the string '{value}'" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+            hint = " (remove the quotes)" if isinstance(value, str) and _number(value) else ""
+            raise UserError(f"{where}.{key} must be {KINDS[kind]}, not {got}{hint}")
+    return out
+
+
+def _number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def load_section(cls, section, path=PARAMS):
     """`params.yaml[section]` as a frozen dataclass `cls`; unknown or missing keys fail with the fix."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} not found: run from the project root")
-    params = yaml.safe_load(path.read_text()) or {}
+    params = read_params(path)
     if section not in params:
         close = difflib.get_close_matches(section, params, n=1)
         hint = f" (found '{close[0]}': a typo?)" if close else ""
@@ -39,6 +89,7 @@ def load_section(cls, section, path=PARAMS):
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise UserError(f"{path}: '{section}' lacks {', '.join(missing)}")
+    values = typed(cls, values, f"{path}: {section}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
@@ -61,7 +112,7 @@ def resolve_device(request):
 
 def stage_device(stage, path=PARAMS):
     """The device for `stage` from params.yaml's `devices` section (not a DVC param: see dvc.yaml)."""
-    params = yaml.safe_load(Path(path).read_text()) or {}
+    params = read_params(path)
     return resolve_device((params.get("devices") or {}).get(stage, "auto"))
 
 

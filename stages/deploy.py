@@ -36,7 +36,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from stages import presets, prune, quantize, runtime  # noqa: E402
-from stages.config import UserError, atomic_dir, cli, load_section, sha256  # noqa: E402
+from stages.config import UserError, atomic_dir, cli, load_section, sha256, typed  # noqa: E402
 from stages.evaluate import scores  # noqa: E402
 from stages.export import parity, predict_onnx, to_onnx  # noqa: E402
 from stages.prepare import read_manifest  # noqa: E402
@@ -71,7 +71,8 @@ class Params:
     def __post_init__(self):
         if not isinstance(self.budget, Budget):
             try:
-                object.__setattr__(self, "budget", Budget(**self.budget))
+                object.__setattr__(self, "budget",
+                                   Budget(**typed(Budget, self.budget, "deploy.budget")))
             except TypeError as e:
                 raise UserError(f"deploy.budget: {e}") from None
         object.__setattr__(self, "tries", tuple(self.tries) or ({},))

@@ -18,7 +18,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from stages.config import UserError
+from stages.config import UserError, typed
 from stages.export import parity, predict_onnx
 from stages.runtime import session
 
@@ -57,7 +57,7 @@ def settings(*layers):
             if key not in known:
                 raise UserError(f"deploy: unknown INT8 setting '{key}'; known: {', '.join(sorted(known))}")
         merged.update(layer or {})
-    return Settings(**merged)
+    return Settings(**typed(Settings, merged, "deploy.int8"))
 
 
 def calibration_rows(rows, n, seed=0):

@@ -54,3 +54,45 @@ def test_stage_fails_with_one_line(tmp_path, params, message):
                        capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert r.returncode == 2
     assert r.stderr.strip() == message
+
+
+def test_numbers_as_yaml_1_2_reads_them_and_wrong_types_name_the_key(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  ft_lr: 1e-3\n  hflip: 1\n  ft_epochs: 2e1\n  crop_scale: [0.5, 1]\n")
+    p = load_section(train.Params, "train", params)
+    assert (p.ft_lr, p.hflip, p.ft_epochs, p.crop_scale) == (0.001, 1.0, 20, (0.5, 1))
+    assert isinstance(p.hflip, float) and isinstance(p.ft_epochs, int)
+    for text, message in [("ft_epochs: three", "train.ft_epochs must be an integer, not the string 'three'$"),
+                          ("ft_epochs: '3'", r"train.ft_epochs must be an integer, not the string '3' \(remove the"),
+                          ("ft_epochs: 2.5", r"train.ft_epochs must be an integer, not 2.5 \(float\)"),
+                          ("ft_lr: true", r"train.ft_lr must be a number, not True \(bool\)"),
+                          ("backbone: 7", r"train.backbone must be a string, not 7 \(int\)"),
+                          ("crop_scale: 0.5", r"train.crop_scale must be a list, not 0.5")]:
+        params.write_text(f"train:\n  {text}\n")
+        with pytest.raises(UserError, match=message):
+            load_section(train.Params, "train", params)
+
+
+def test_nested_sections_are_typed_too(tmp_path):
+    from stages import deploy
+    params = tmp_path / "params.yaml"
+    params.write_text("deploy:\n  budget: {min_speedup: 2}\n  int8: {calibration_size: 1e1}\n")
+    p = load_section(deploy.Params, "deploy", params)
+    assert p.budget.min_speedup == 2.0
+    params.write_text("deploy:\n  budget: {min_agreement: high}\n")
+    with pytest.raises(UserError, match="deploy.budget.min_agreement must be a number, not the string 'high'"):
+        load_section(deploy.Params, "deploy", params)
+    params.write_text("deploy:\n  int8: {per_channel: 'no'}\n")
+    with pytest.raises(UserError, match="deploy.int8.per_channel must be true or false"):
+        load_section(deploy.Params, "deploy", params)
+
+
+def test_every_shipped_section_loads(tmp_path):
+    """The committed params.yaml passes its own type checks (a default written '5' where 5.0 is meant fails)."""
+    from flows.pipeline import Params as Orchestrate
+    from serve.model import Params as Serve
+    from stages import deploy, evaluate, export, prepare, prune, validate
+    for cls, section in [(prepare.Params, "prepare"), (validate.Params, "validate"), (train.Params, "train"),
+                         (export.Params, "export"), (evaluate.Params, "evaluate"), (prune.Params, "prune"),
+                         (deploy.Params, "deploy"), (Serve, "serve"), (Orchestrate, "orchestrate")]:
+        load_section(cls, section, ROOT / "params.yaml")
