@@ -13,12 +13,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from stages import presets  # noqa: E402
+from stages import backbones, presets  # noqa: E402
 from stages.config import atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
 from stages.export import predict_onnx  # noqa: E402
 from stages.prepare import read_manifest  # noqa: E402
 from stages.runtime import session  # noqa: E402
-from stages.train import load_model, loader, predict  # noqa: E402
+from stages.train import load_model, loader, predict, set_head  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +55,31 @@ def plot_confusion(cm, classes, title, path):
     plt.close(fig)
 
 
+def baseline_logits(ckpt, batches, device, shipped):
+    """Val logits of the simplest strong baseline: logistic regression on the frozen pretrained body's
+    features, the probe train fitted (and cross-validated) on train + holdout. `shipped` when it is the
+    shipped model; None for a checkpoint without a probe (strategy finetune)."""
+    if "baseline" not in ckpt:
+        return None
+    if ckpt["selection"]["kept"] == "linear_probe":
+        return shipped
+    torch.manual_seed(ckpt["params"]["seed"])       # as train built it: the same body for weights: none
+    model, _ = backbones.create(ckpt["backbone"], ckpt["params"]["weights"], len(ckpt["classes"]), ckpt["dropout"])
+    set_head(model.head, ckpt["baseline"]["weight"], ckpt["baseline"]["bias"])
+    return predict(model.to(device), batches, device, "evaluate: baseline")[0]
+
+
 def summary(m, classes):
     lines = [f"val images: {m['val_images']}",
              f"accuracy  PyTorch {m['pytorch']['accuracy']:.4f}   ONNX Runtime {m['onnx']['accuracy']:.4f}   "
-             f"(top-1 agreement {m['onnx_agreement']:.4f})",
-             f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+             f"(top-1 agreement {m['onnx_agreement']:.4f})"]
+    if "baseline" in m:
+        lines.append(f"baseline  frozen-feature logistic regression {m['baseline']['accuracy']:.4f}   "
+                     f"gap {m['gap_to_baseline']:+.4f}")
+    if "selection" in m:
+        lines.append(f"kept      {m['selection']['kept']}" + (f": {m['selection']['why']}" if "why" in m["selection"]
+                                                              else ""))
+    lines.append(f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for c in classes:
         v = m["pytorch"]["per_class"][c]
         lines.append(f"{c:<20}{v['precision']:>10.4f}{v['recall']:>10.4f}{v['f1']:>10.4f}{v['support']:>10}")
@@ -76,6 +96,14 @@ def run(checkpoint, onnx_path, manifest, out_dir, p, device="cpu"):
     tp, op = torch_logits.argmax(1), onnx_logits.argmax(1)
     metrics = {"val_images": len(rows), "pytorch": scores(tp, labels, classes),
                "onnx": scores(op, labels, classes), "onnx_agreement": round((tp == op).float().mean().item(), 4)}
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    base = baseline_logits(ckpt, batches, device, torch_logits)
+    if base is not None:
+        b = scores(base.argmax(1), labels, classes)
+        metrics["baseline"] = {"accuracy": b["accuracy"], "macro_f1": b["macro_f1"]}
+        metrics["gap_to_baseline"] = round(metrics["pytorch"]["accuracy"] - b["accuracy"], 4)
+    if "selection" in ckpt:
+        metrics["selection"] = ckpt["selection"]
     out = Path(out_dir)
     atomic_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     probs = torch_logits.softmax(1)

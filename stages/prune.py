@@ -161,7 +161,7 @@ def run(checkpoint, manifest, out_dir, p, device="cpu"):
     recovery = dataclasses.replace(train.Params(**{k: v for k, v in ckpt["params"].items() if k in known}),
                                    ft_epochs=p.epochs, ft_lr=p.lr, ft_backbone_lr=p.backbone_lr, select="best",
                                    patience=0, seed=p.seed)
-    history = [train.linear_probe(model, train_rows, hold_rows, classes, pp, recovery, device)]
+    history = [train.linear_probe(model, train_rows, hold_rows, classes, pp, recovery, device)[0]]
     if p.epochs:        # "best" against the refit head's score: epochs that do not help on holdout are not kept
         start = (history[0]["holdout_acc"], -history[0]["holdout_loss"])
         train.finetune(model, train_rows, hold_rows, classes, pp, recovery, device, start, history)

@@ -11,8 +11,10 @@ import csv
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
@@ -39,13 +41,15 @@ class Params:
     dropout: float = 0.2
     label_smoothing: float = 0.1
     weight_decay: float = 1e-4
-    lp_steps: int = 100                # full-batch steps of the head on cached features
-    lp_lr: float = 0.01
+    lp_cs: tuple = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)   # probe's inverse L2 strengths
+    lp_folds: int = 5                  # cross-validation folds over train + holdout that choose among lp_cs
     lp_views: int = 1                  # cached views per train image: 1 plain + augmented ones
     ft_epochs: int = 3
     ft_lr: float = 1e-3                # head learning rate while fine-tuning
     ft_backbone_lr: float = 1e-4
     select: str = "last"               # last | best: which fine-tune epoch to keep (see README: why last)
+    ft_margin_se: float = 2.0          # lp_ft keeps fine-tuning only if it beats the probe on holdout by this
+                                       # many standard errors of the paired difference (`earned`)
     patience: int = 0                  # stop after this many epochs without holdout improvement; 0: off
     crop_scale: tuple = (0.35, 1.0)
     test_size: int = 0                 # px seen at test time (and by the linear probe); 0: the backbone's own
@@ -61,6 +65,8 @@ class Params:
             if getattr(self, key) not in allowed:
                 raise UserError(f"train.{key} '{getattr(self, key)}' is not one of {', '.join(allowed)}")
         presets.get_policy(self.policy)
+        if not self.lp_cs or min(self.lp_cs) <= 0:
+            raise UserError(f"train.lp_cs must be a non-empty list of positive numbers, not {self.lp_cs}")
 
 
 class ImageRows(Dataset):
@@ -128,35 +134,104 @@ def holdout_score(logits, labels):
     return (round((logits.argmax(1) == labels).float().mean().item(), 6), -F.cross_entropy(logits, labels).item())
 
 
+def probe_features(model, rows, classes, pp, p, device, views):
+    """Body features of `rows` under each transform in `views`: (x [views*n, d], y [views*n], image index)."""
+    feats = [predict(model.body, loader(rows, classes, tf, p.batch_size, column="cached"), device,
+                     f"train: features, view {i + 1}/{len(views)}" if len(rows) > 64 else None)
+             for i, tf in enumerate(views)]
+    x, y = torch.cat([f for f, _ in feats]), torch.cat([l for _, l in feats])
+    return x.double().numpy(), y.numpy(), np.tile(np.arange(len(rows)), len(views))
+
+
+def fit_probe(x, y, c, balanced):
+    """Multinomial logistic regression on centred features scaled by one number (scikit-learn's lbfgs), as a
+    torch Linear's (weight, bias) on the raw features. One scale for all features, not one each: a
+    near-constant feature scaled up would get a huge weight, and fine-tuning from that head diverges."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    mu = x.mean(0)
+    sigma = float(x.std(0).mean()) + 1e-12
+    clf = LogisticRegression(C=c, max_iter=1000, class_weight="balanced" if balanced else None)
+    with warnings.catch_warnings():     # the weakest regularisation on separable features may not converge
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit((x - mu) / sigma, y)
+    w, b = clf.coef_, clf.intercept_
+    if w.shape[0] == 1:                 # binary: one row of log-odds; as two logits with the same softmax
+        w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
+    w = w / sigma
+    return torch.tensor(w, dtype=torch.float), torch.tensor(b - w @ mu, dtype=torch.float)
+
+
+def choose_c(x, y, image, p):
+    """The probe's regularisation by stratified k-fold cross-validation over whole images (a picture's
+    augmented views stay on one side): out-of-fold accuracy, then log-loss on ties. Returns (C, report)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    plain = image[:len(np.unique(image))]           # view 0 of each image, in order
+    labels = y[:len(plain)]
+    folds = min(p.lp_folds, np.bincount(labels).min())
+    if folds < 2:
+        return 1.0, {"lp_c": 1.0, "cv_folds": 0}
+    scores = []
+    for c in p.lp_cs:
+        right, loss, per_fold = 0, 0.0, []
+        for tr, te in StratifiedKFold(folds, shuffle=True, random_state=p.seed).split(plain, labels):
+            w, b = fit_probe(x[np.isin(image, tr)], y[np.isin(image, tr)], c, p.balance != "none")
+            logits = torch.tensor(x[te], dtype=torch.float) @ w.T + b
+            hits = (logits.argmax(1).numpy() == labels[te])
+            right, per_fold = right + hits.sum(), per_fold + [hits.mean()]
+            loss += F.cross_entropy(logits, torch.tensor(labels[te]), reduction="sum").item()
+        scores.append((right / len(plain), -loss / len(plain), np.std(per_fold), c))
+    acc, neg_loss, spread, c = max(scores)
+    return c, {"lp_c": c, "cv_folds": int(folds), "cv_acc": round(float(acc), 4), "cv_acc_std": round(float(spread), 4),
+               "cv_loss": round(-neg_loss, 4)}
+
+
+def set_head(head, weight, bias):
+    linear = head[-1]
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+
+
 def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
-    """Train the head alone on cached body features; keep the step with the best holdout score."""
+    """The head as a logistic regression on cached body features, its regularisation chosen by k-fold
+    cross-validation on train + holdout (never by the best step on a few dozen holdout images).
+
+    The model gets the head fitted on train alone: it scores holdout honestly and is where fine-tuning
+    starts. Returns the history row, that head's holdout logits, and the (weight, bias) refitted on
+    train + holdout: the probe to keep when the body stays frozen, and the baseline evaluate reports."""
     aug = presets.train_transform(pp, p.crop_scale, p.hflip, p.policy)
     views = [presets.eval_transform(pp)] + [aug] * (p.lp_views - 1)
-    feats = [predict(model.body, loader(train_rows, classes, tf, p.batch_size, column="cached"), device,
-                     f"train: features, view {i + 1}/{len(views)}") for i, tf in enumerate(views)]
-    x, y = torch.cat([f for f, _ in feats]), torch.cat([l for _, l in feats])
-    hx, hy = predict(model.body, loader(hold_rows, classes, views[0], p.batch_size, column="cached"), device)
-    x, y, hx, hy = x.to(device), y.to(device), hx.to(device), hy.to(device)
-    head = model.head
-    weight = class_weights(train_rows, classes).to(device) if p.balance == "loss" else None
-    opt = torch.optim.AdamW(head.parameters(), lr=p.lp_lr, weight_decay=p.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.lp_steps)
-    best = ((-1.0, 0.0), None)
-    for _ in range(p.lp_steps):
-        head.train()
-        loss = F.cross_entropy(head(x), y, weight=weight, label_smoothing=p.label_smoothing)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        head.eval()
-        with torch.no_grad():
-            score = holdout_score(head(hx), hy)
-        if score > best[0]:
-            best = (score, copy.deepcopy(head.state_dict()))
-    head.load_state_dict(best[1])
-    return {"phase": "linear_probe", "epoch": 0, "train_loss": round(loss.item(), 4),
-            "holdout_loss": round(-best[0][1], 4), "holdout_acc": round(best[0][0], 4)}
+    x, y, image = probe_features(model, train_rows, classes, pp, p, device, views)
+    hx, hy, _ = probe_features(model, hold_rows, classes, pp, p, device, views[:1])
+    n = len(train_rows)
+    c, cv = choose_c(np.concatenate([x[:n], hx, x[n:]]), np.concatenate([y[:n], hy, y[n:]]),
+                     np.concatenate([image[:n], n + np.arange(len(hx)), image[n:]]), p)
+    w, b = fit_probe(x, y, c, p.balance != "none")
+    hold_logits = torch.tensor(hx, dtype=torch.float) @ w.T + b
+    score = holdout_score(hold_logits, torch.tensor(hy))
+    set_head(model.head, w.to(device), b.to(device))
+    row = {"phase": "linear_probe", "epoch": 0, "train_loss": "", "holdout_loss": round(-score[1], 4),
+           "holdout_acc": round(score[0], 4), **cv}
+    print(f"train: linear probe C={c} cross-validated accuracy {cv.get('cv_acc', '-')} "
+          f"(+/- {cv.get('cv_acc_std', '-')} over {cv['cv_folds']} folds), holdout {row['holdout_acc']}")
+    return row, hold_logits, fit_probe(np.concatenate([x, hx]), np.concatenate([y, hy]), c, p.balance != "none")
+
+
+def earned(ft_logits, probe_logits, labels, z):
+    """Does fine-tuning beat the probe on holdout by more than `z` standard errors of the paired difference?
+
+    Both score the same holdout images, so the difference in accuracy is (b - c) / n, with b images only the
+    fine-tuned model gets right and c only the probe; its standard error is sqrt(b + c - (b - c)^2 / n) / n
+    (the paired, McNemar-style estimate). 47 holdout images and z = 2: about 4 more right, net, are needed.
+    Returns (kept: bool, the numbers)."""
+    ft, pr = ft_logits.argmax(1) == labels, probe_logits.argmax(1) == labels
+    n, b, c = len(labels), int((ft & ~pr).sum()), int((pr & ~ft).sum())
+    diff, se = (b - c) / n, math.sqrt(max(b + c - (b - c) ** 2 / n, 0)) / n
+    return diff > z * se, {"holdout_images": n, "ft_only_right": b, "probe_only_right": c,
+                           "holdout_gain": round(diff, 4), "holdout_gain_se": round(se, 4), "margin_se": z}
 
 
 def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history):
@@ -233,28 +308,48 @@ def run(manifest, out_dir, p, device="cpu"):
     out = Path(out_dir)
     pp = at_test_size(pp, p.test_size)
     save_augmented_grid(train_rows, classes, pp, p, out / "augmented.png")
-    history, t0 = [], time.perf_counter()
+    history, t0, selection, extra = [], time.perf_counter(), {"kept": p.strategy}, {}
     start = (-1.0, 0.0)
     if p.strategy in ("linear_probe", "lp_ft"):
-        history.append({**linear_probe(model, train_rows, hold_rows, classes, pp, p, device),
-                        "seconds": round(time.perf_counter() - t0, 1)})
-        start = (history[-1]["holdout_acc"], -history[-1]["holdout_loss"])
-        print(f"train: linear probe holdout_acc={start[0]} loss={-start[1]}")
+        row, probe_logits, probe = linear_probe(model, train_rows, hold_rows, classes, pp, p, device)
+        history.append({**row, "seconds": round(time.perf_counter() - t0, 1)})
+        selection.update({k: v for k, v in row.items() if k.startswith(("cv_", "lp_"))},
+                         probe_holdout_acc=row["holdout_acc"])
+        start = (row["holdout_acc"], -row["holdout_loss"])
+        extra["baseline"] = {"weight": probe[0], "bias": probe[1]}   # on the pretrained body: see evaluate
+        if p.strategy == "linear_probe":
+            set_head(model.head, *(t.to(device) for t in probe))
     if p.strategy in ("finetune", "lp_ft"):
+        probe_state = copy.deepcopy(model.state_dict())
         finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history)
+    if p.strategy == "lp_ft":
+        hold_dl = loader(hold_rows, classes, presets.eval_transform(pp), p.batch_size, column="cached")
+        ft_logits, labels = predict(model, hold_dl, device)
+        kept, numbers = earned(ft_logits, probe_logits, labels, p.ft_margin_se)
+        selection.update(numbers, kept="finetune" if kept else "linear_probe")
+        if kept:
+            selection["why"] = (f"fine-tuning beat the probe on holdout by {numbers['holdout_gain']:+.4f} "
+                                f"(> {p.ft_margin_se} x {numbers['holdout_gain_se']} standard error)")
+        else:       # back to the pretrained body and the probe, refitted on train + holdout
+            model.load_state_dict(probe_state)
+            set_head(model.head, *(t.to(device) for t in probe))
+            selection["why"] = (f"fine-tuning did not earn its place: holdout gain {numbers['holdout_gain']:+.4f}"
+                                f" is not above {p.ft_margin_se} x {numbers['holdout_gain_se']} standard error")
+        print(f"train: kept {selection['kept']}: {selection['why']}")
     ckpt = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "backbone": p.backbone,
             "classes": classes, "dropout": p.dropout, "preprocessing": pp.to_json(),
-            "params": dataclasses.asdict(p)}
+            "params": dataclasses.asdict(p), "selection": selection, **extra}
     atomic_write(out / "model.pt", lambda tmp: torch.save(ckpt, tmp))
 
     def write_history(tmp):
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, ["phase", "epoch", "train_loss", "holdout_loss", "holdout_acc", "seconds"])
+            w = csv.DictWriter(f, ["phase", "epoch", "train_loss", "holdout_loss", "holdout_acc", "seconds"],
+                               extrasaction="ignore")
             w.writeheader()
             w.writerows(history)
 
     atomic_write(out / "history.csv", write_history)
-    return {"seconds": round(time.perf_counter() - t0, 1), "history": history}
+    return {"seconds": round(time.perf_counter() - t0, 1), "history": history, "selection": selection}
 
 
 def load_model(path):

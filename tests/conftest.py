@@ -46,8 +46,8 @@ def split_folder(tmp_path):
     return root
 
 
-TINY = dict(backbone="test_efficientnet", weights="none", batch_size=8, lp_steps=30, lp_views=2,
-            ft_epochs=1, lp_lr=0.05, ft_lr=0.01, ft_backbone_lr=0.01, policy="none")
+TINY = dict(backbone="test_efficientnet", weights="none", batch_size=8, lp_views=2, lp_folds=3,
+            ft_epochs=1, ft_lr=0.01, ft_backbone_lr=0.01, policy="none")
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def reproduced(tmp_path_factory):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     set_params(repo, deploy={"int8": {**params["deploy"]["int8"], "calibration_size": 8}})
     set_params(repo, prepare={"source": "data/mini"},
-               train={"lp_steps": 100, "ft_epochs": 1, "batch_size": 8, "select": "best"},
+               train={"ft_epochs": 1, "batch_size": 8, "select": "best"},
                orchestrate={"retries": 0}, prune={"epochs": 0},
                deploy={"rounds": 1, "repeats": 3, "batch_repeats": 1, "warmup": 1, "tries": [{}],
                        "exclude_worst": 0, "diagnose": False})

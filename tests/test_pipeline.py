@@ -34,7 +34,7 @@ def test_repro_builds_a_verified_model_and_caches_it(reproduced):
 
 
 def test_changing_a_train_param_reruns_train_not_prepare(clone):
-    set_params(clone, train={"lp_steps": 90})
+    set_params(clone, train={"lp_folds": 4})
     status = json.loads(sh(clone, "dvc", "status", "--json").stdout)
     assert "train" in status and "prepare" not in status and "validate" not in status
     out = sh(clone, "dvc", "repro", "train").stdout

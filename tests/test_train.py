@@ -76,3 +76,61 @@ def test_test_size_raises_the_test_resolution_and_keeps_the_training_crops(tmp_p
         assert im.width == 4 * (native.input_size + 2) + 2
     assert train.presets.eval_transform(pp)(Image.new("RGB", (300, 200))).shape[-1] == pp.input_size
     assert train.at_test_size(native, 0) == native
+
+
+def test_earned_needs_a_gain_beyond_the_holdouts_noise():
+    labels = torch.zeros(48, dtype=torch.long)
+    right, wrong = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+
+    def logits(n_right):
+        return torch.cat([right.repeat(n_right, 1), wrong.repeat(48 - n_right, 1)])
+    assert train.earned(logits(40), logits(40), labels, 2.0)[0] is False      # a tie keeps the probe
+    assert train.earned(logits(41), logits(40), labels, 2.0)[0] is False      # one image is noise
+    kept, numbers = train.earned(logits(45), logits(40), labels, 2.0)
+    assert kept and numbers["ft_only_right"] == 5 and numbers["probe_only_right"] == 0
+    assert numbers["holdout_gain"] == round(5 / 48, 4) and numbers["holdout_gain_se"] > 0
+
+
+@pytest.fixture
+def larger_manifest(tmp_path):
+    """60 train and 6 val images per class: a holdout of 12 per class, enough to tell the two apart."""
+    from stages import prepare
+    from tests.conftest import COLORS, make_image
+    root = tmp_path / "larger"
+    for split, n in (("train", 60), ("val", 6)):
+        for k, (c, color) in enumerate(COLORS.items()):
+            for i in range(n):
+                make_image(root / split / c / f"{i}.png", color, seed=1000 * (split == "val") + 100 * k + i)
+    prepare.run(root, tmp_path / "prepare", prepare.Params(source=str(root)))
+    return tmp_path / "prepare" / "manifest.csv"
+
+
+def test_lp_ft_keeps_the_probe_when_fine_tuning_hurts(tmp_path, larger_manifest):
+    """A learning rate that wrecks the body: the stage ships the probe, refitted on train + holdout, and says so."""
+    p = train.Params(**{**TINY, "ft_epochs": 1, "ft_lr": 30.0, "ft_backbone_lr": 30.0})
+    result = train.run(larger_manifest, tmp_path / "t", p)
+    sel = result["selection"]
+    assert sel["kept"] == "linear_probe" and "did not earn its place" in sel["why"]
+    assert sel["probe_holdout_acc"] >= 0.9 and sel["cv_folds"] == 3 and sel["lp_c"] in p.lp_cs
+    ckpt = torch.load(tmp_path / "t" / "model.pt", weights_only=True)
+    assert ckpt["selection"] == sel
+    torch.manual_seed(0)
+    fresh = train.backbones.create("test_efficientnet", "none", 2)[0]
+    assert all(torch.equal(v, fresh.body.state_dict()[k[5:]]) for k, v in ckpt["model"].items()
+               if k.startswith("body."))                                       # the pretrained body, untouched
+    assert torch.equal(ckpt["model"]["head.1.weight"], ckpt["baseline"]["weight"])
+
+
+def test_lp_ft_keeps_the_fine_tune_when_it_helps(tmp_path, larger_manifest):
+    """A 'pretrained' body blind to colour (its first layer averages the channels) on classes told apart by
+    colour: the probe on its features is poor, fine-tuning relearns the first layer and wins by far."""
+    train.run(larger_manifest, tmp_path / "pre", train.Params(**{**TINY, "strategy": "finetune", "ft_epochs": 2}))
+    body = {k[5:]: v for k, v in torch.load(tmp_path / "pre" / "model.pt", weights_only=True)["model"].items()
+            if k.startswith("body.")}
+    body["conv_stem.weight"] = body["conv_stem.weight"].mean(1, keepdim=True).expand_as(body["conv_stem.weight"])
+    torch.save({k: v.contiguous() for k, v in body.items()}, tmp_path / "blind.pt")
+    p = train.Params(**{**TINY, "weights": str(tmp_path / "blind.pt"), "ft_epochs": 2})
+    sel = train.run(larger_manifest, tmp_path / "t", p)["selection"]
+    assert sel["probe_holdout_acc"] <= 0.9
+    assert sel["kept"] == "finetune" and "beat the probe" in sel["why"], sel
+    assert sel["holdout_gain"] > sel["margin_se"] * sel["holdout_gain_se"]
