@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -96,3 +97,24 @@ def test_every_shipped_section_loads(tmp_path):
                          (export.Params, "export"), (evaluate.Params, "evaluate"), (prune.Params, "prune"),
                          (deploy.Params, "deploy"), (Serve, "serve"), (Orchestrate, "orchestrate")]:
         load_section(cls, section, ROOT / "params.yaml")
+
+
+def test_dvc_exp_run_set_param_leaves_a_valid_params_yaml(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml: the shipped file must come back as the same values, one changed."""
+    from stages.config import read_params
+    from tests.conftest import sh
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  copy:\n    cmd: cp params.yaml out.txt\n    params:\n"
+                                       + "".join(f"      - {s}\n" for s in read_params(tmp_path / "params.yaml")
+                                                 if s != "devices") + "    outs:\n      - out.txt\n")
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
+    sh(tmp_path, "git", "init", "-q")
+    sh(tmp_path, "dvc", "init", "-q")
+    sh(tmp_path, "git", "add", "-A")
+    sh(tmp_path, *git, "commit", "-qm", "init")
+    before = read_params(tmp_path / "params.yaml")
+    sh(tmp_path, "dvc", "exp", "run", "-S", "train.strategy=linear_probe", "-S", "deploy.budget.min_speedup=1.2")
+    after = read_params(tmp_path / "params.yaml")
+    before["train"]["strategy"], before["deploy"]["budget"]["min_speedup"] = "linear_probe", 1.2
+    assert after == before
+    assert "linear_probe" in sh(tmp_path, "dvc", "exp", "show", "--no-pager").stdout

@@ -27,3 +27,10 @@ def test_evaluate_scores_both_models(tmp_path, manifest, checkpoint):
     assert round(acc, 4) == metrics["pytorch"]["accuracy"]
     assert (tmp_path / "v" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert "accuracy  PyTorch" in text and (tmp_path / "v" / "summary.txt").read_text() == text
+    # the frozen-feature baseline beside the shipped model, and which of the two train kept and why
+    kept = metrics["selection"]["kept"]
+    assert kept in ("linear_probe", "finetune") and 0 <= metrics["baseline"]["accuracy"] <= 1
+    assert metrics["gap_to_baseline"] == round(metrics["pytorch"]["accuracy"] - metrics["baseline"]["accuracy"], 4)
+    if kept == "linear_probe":
+        assert metrics["gap_to_baseline"] == 0
+    assert "baseline  frozen-feature logistic regression" in text and f"kept      {kept}: " in text
