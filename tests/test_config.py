@@ -117,4 +117,4 @@ def test_dvc_exp_run_set_param_leaves_a_valid_params_yaml(tmp_path):
     after = read_params(tmp_path / "params.yaml")
     before["train"]["strategy"], before["deploy"]["budget"]["min_speedup"] = "linear_probe", 1.2
     assert after == before
-    assert "linear_probe" in sh(tmp_path, "dvc", "exp", "show", "--no-pager").stdout
+    assert "linear_probe" in sh(tmp_path, "dvc", "exp", "show", "--csv").stdout
