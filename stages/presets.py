@@ -48,9 +48,13 @@ def to_rgb(im):
     if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
         im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
     elif im.mode.startswith("I") or im.mode == "F":   # 16/32-bit grey: the full range onto 0..255
-        a = np.asarray(im, dtype=np.float64)
-        scale = 255.0 / 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 1.0
-        im = Image.fromarray((a * scale).clip(0, 255).astype(np.uint8))
+        a = np.asarray(im)                            # uint16 for I;16*, int32 for I, float32 for F
+        wide = im.mode.startswith("I;16") or a.max() > 255
+        if a.dtype.kind == "f":                       # no integer to keep: float32, never a float64 copy
+            a = np.clip(a * np.float32(1 / 257) if wide else a, 0, 255)
+        else:                                         # x * 255 / 65535 is x // 257 exactly, in x's own width
+            a = (a if a.dtype == np.uint16 else np.clip(a, 0, 65535)) // 257 if wide else np.clip(a, 0, 255)
+        im = Image.fromarray(a.astype(np.uint8))
     return im.convert("RGB")
 
 
