@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup run test flow deploy serve predict-folder bench
-setup: $(STAMP)
+NGINX := /usr/sbin/nginx
+setup: $(STAMP) $(NGINX)
+
+# The server's front (serve/server.py): Debian's nginx, installed once (needs root, or run the two lines by hand).
+$(NGINX):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx
 
 # Re-installs only when requirements.txt changes; the machine's pip config prints noise about absent mirrors.
 $(STAMP): requirements.txt
@@ -18,7 +23,7 @@ run: $(STAMP)
 	dvc repro
 	@echo; echo "== results (outputs/evaluate/summary.txt) =="; cat outputs/evaluate/summary.txt
 
-test: $(STAMP)
+test: $(STAMP) $(NGINX)
 	python -m pytest -q tests
 
 # The pipeline through Prefect: a local server (SQLite in .prefect/) is started when none answers.
@@ -35,7 +40,7 @@ deploy: $(STAMP)
 
 # Serving the deploy model the pipeline chose (see serve/); IMAGES=folder OUT=file.csv for predict-folder.
 CARD := outputs/deploy/card.json
-serve: $(STAMP)
+serve: $(STAMP) $(NGINX)
 	python -m serve.app --card $(CARD)
 
 predict-folder: $(STAMP)

@@ -2,22 +2,23 @@
 
 POST /predict takes one image (raw body, Content-Type image/*) or several (multipart/form-data, one part per
 image) and answers the top-k classes with softmax probabilities. GET /healthz, /readyz, /metadata, /metrics.
-With SERVE_API_KEY set in the environment, /predict needs the header X-API-Key. The model is the one the model
-card names, and the service refuses to start if the file's SHA-256 differs from the card's.
+With SERVE_API_KEY set in the environment, /predict needs the header X-API-Key (an empty key is refused at start
+unless SERVE_API_KEY_DISABLED=1). The model is the one the model card names, and the service refuses to start if
+the file's SHA-256 differs from the card's. serve/server.py runs it behind nginx.
 """
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import hmac
 import os
+import signal
 import sys
+import threading
 import time
+from urllib.parse import urlsplit
 
 import prometheus_client as prom
-import uvicorn
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
@@ -28,10 +29,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serve.batcher import Batcher
-from serve.model import InputError, Model, Params, preprocess, softmax, top_k
+from serve.decode import Decoder
+from serve.model import InputError, Model, Params, softmax, top_k
+from serve.server import Server
 from stages.config import UserError, cli, load_section
 
 API_KEY_ENV = "SERVE_API_KEY"
+NO_KEY_ENV = "SERVE_API_KEY_DISABLED"            # "1": an empty SERVE_API_KEY means no key, on purpose
+# nginx's own refusals reach the app as /_error/{status} (serve/server.py): the same JSON, the same metrics
+NGINX_ERRORS = {400: ("bad_request", "the request is not valid HTTP/1.1"),
+                404: ("not_found", "no such endpoint"),
+                408: ("request_timeout", "the request took too long to arrive"),
+                413: ("body_too_large", "the body is over the limit of {max_body_bytes:,} bytes"),
+                414: ("uri_too_long", "the request line is over the header limit of {max_header_bytes:,} bytes"),
+                431: ("headers_too_large", "the headers are over the limit of {max_header_bytes:,} bytes"),
+                500: ("internal", "internal error"),
+                503: ("busy", "{max_connections} requests to /predict are in progress; retry shortly")}
 ENDPOINTS = ("/predict", "/healthz", "/readyz", "/metadata", "/metrics")
 
 
@@ -65,7 +78,10 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"      # bounded label values
+        path = scope["path"]
+        if path.startswith("/_error/"):                                          # nginx's: label its request
+            path = urlsplit(dict(scope["headers"]).get(b"x-original-uri", b"").decode("latin-1")).path
+        endpoint = path if path in ENDPOINTS else "other"                        # bounded label values
         status, start = 500, time.perf_counter()                                 # 500 unless a response starts
 
         async def send_status(message):
@@ -80,8 +96,12 @@ class MetricsMiddleware:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
+CLOSE_AFTER = (401, 408, 413)          # the body may be unread: never reuse the connection it came on
+
+
 def error(status, kind, detail):
-    return JSONResponse({"error": kind, "detail": detail}, status_code=status)
+    headers = {"connection": "close"} if status in CLOSE_AFTER else None
+    return JSONResponse({"error": kind, "detail": detail}, status_code=status, headers=headers)
 
 
 async def body_chunks(request, limit):
@@ -159,23 +179,26 @@ def create_app(card_path, p):
     model = Model(card_path, p.threads)
     metrics = Metrics(model)
     batcher = Batcher(model.infer, p.max_batch_size, p.max_wait_ms, metrics.on_batch)
-    decode_pool = concurrent.futures.ThreadPoolExecutor(p.decode_threads, thread_name_prefix="decode")
-    decode = functools.partial(preprocess, transform=model.transform, max_pixels=p.max_pixels)
-    api_key = os.environ.get(API_KEY_ENV, "").encode()
+    decoder = Decoder(model.transform, p)
+    api_key = read_api_key()
     k = min(p.top_k, len(model.classes))
     info = {**model.info(), "top_k": k, "limits": {"max_images": p.max_images, "max_body_bytes": p.max_body_bytes,
-                                                   "max_pixels": p.max_pixels}}
+                                                   "max_pixels": p.max_pixels,
+                                                   "max_request_pixels": p.max_request_pixels}}
     served_by = {"variant": info["variant"], "sha256": info["version"]["sha256"]}
 
-    async def prepare(index, name, data):
-        try:
-            return await asyncio.get_running_loop().run_in_executor(decode_pool, decode, data)
-        except InputError as e:
-            where = f"image {index}" + (f" ({name!r})" if name else "")
-            raise InputError(e.status, e.kind, f"{where}: {e.detail}") from None
+    async def classify(images):
+        names = [name for name, _ in images]
+        arrays = await decoder.run(images)
+        del images
+        logits = await asyncio.gather(*(batcher.submit(x) for x in arrays))
+        metrics.images.inc(len(logits))
+        return JSONResponse({"predictions": [{"filename": n, "top_k": top_k(softmax(row), model.classes, k)}
+                                             for n, row in zip(names, logits)], "model": served_by})
 
     async def predict(request):
-        given = request.headers.get("x-api-key", "").encode("utf-8", "replace")
+        # the raw header bytes against the key's UTF-8 bytes: one encoding on both sides
+        given = next((v for name, v in request.scope["headers"] if name == b"x-api-key"), b"")
         if api_key and not hmac.compare_digest(given, api_key):
             raise InputError(401, "unauthorized", "missing or wrong X-API-Key header")
         if not batcher.running:
@@ -185,16 +208,28 @@ def create_app(card_path, p):
                 images = await read_images(request, p)
         except TimeoutError:
             raise InputError(408, "read_timeout", f"the body took over {p.read_timeout_s} s to arrive") from None
-        names = [name for name, _ in images]
-        arrays = await asyncio.gather(*(prepare(i, n, d) for i, (n, d) in enumerate(images)))
+        work = asyncio.ensure_future(classify(images))
+        gone = asyncio.ensure_future(disconnected(request))
         del images
-        logits = await asyncio.gather(*(batcher.submit(x) for x in arrays))
-        metrics.images.inc(len(logits))
-        return JSONResponse({"predictions": [{"filename": n, "top_k": top_k(softmax(row), model.classes, k)}
-                                             for n, row in zip(names, logits)], "model": served_by})
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            gone.cancel()
+            return work.result()
+        work.cancel()                   # queued decodes and batch places are dropped
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        raise InputError(499, "client_gone", "the client closed the connection before the answer")
 
-    async def healthz(request):
+    async def healthz(request):         # liveness: a batcher that died never comes back
+        if batcher.dead:
+            return error(503, "batcher_dead", "the inference loop has stopped: restart the service")
         return JSONResponse({"status": "ok"})
+
+    async def nginx_error(request):
+        status = int(request.path_params["status"])
+        kind, detail = NGINX_ERRORS.get(status, (f"http_{status}", "refused by the server"))
+        metrics.errors.labels(kind).inc()
+        return error(status, kind, detail.format(**dataclasses.asdict(p)))
 
     async def readyz(request):
         if not batcher.running:
@@ -227,29 +262,46 @@ def create_app(card_path, p):
             yield
         finally:                                    # uvicorn has let in-flight requests finish by now
             await batcher.stop()
-            decode_pool.shutdown()
+            decoder.shutdown()
 
     routes = [Route("/predict", predict, methods=["POST"]), Route("/healthz", healthz), Route("/readyz", readyz),
-              Route("/metadata", metadata), Route("/metrics", metrics_endpoint)]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
-                     exception_handlers={InputError: input_error, HTTPException: http_error,
-                                         Exception: internal_error})
+              Route("/metadata", metadata), Route("/metrics", metrics_endpoint),
+              Route("/_error/{status:int}", nginx_error, methods=["GET", "HEAD", "POST"])]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+                    exception_handlers={InputError: input_error, HTTPException: http_error,
+                                        Exception: internal_error})
+    app.router.redirect_slashes = False             # its redirect's Location comes from the client's Host header
+    app.state.batcher = batcher
+    return app
 
 
-def config(app, p, **options):
-    """uvicorn's settings for `app`: the one place where the `serve` params become server behaviour. `options`
-    are further uvicorn.Config arguments (the tests quieten the log)."""
-    return uvicorn.Config(app, host=p.host, port=p.port, limit_concurrency=p.max_connections,
-                          timeout_keep_alive=p.keep_alive_s, timeout_graceful_shutdown=10, server_header=False,
-                          loop="uvloop", http="httptools", **options)
+def read_api_key():
+    """SERVE_API_KEY as UTF-8 bytes; b"" (no key) when unset, or when empty and SERVE_API_KEY_DISABLED=1."""
+    key = os.environ.get(API_KEY_ENV)
+    if key is None:
+        return b""
+    if not key.strip() and os.environ.get(NO_KEY_ENV) != "1":
+        raise UserError(f"{API_KEY_ENV} is set but empty: set a key, or unset it (or set {NO_KEY_ENV}=1) to "
+                        "serve without one")
+    return key.encode("utf-8")
+
+
+async def disconnected(request):
+    """Return once the client has gone (the body has been read: the next message can only be a disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def serve(card_path, p):
-    """Run the service until interrupted."""
-    server = uvicorn.Server(config(create_app(card_path, p), p))
-    server.run()
-    if not server.started:                          # the lifespan failed; uvicorn has logged why
-        sys.exit(3)
+    """Run the service (nginx in front, see serve/server.py) until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with Server(create_app(card_path, p), p) as server:
+        print(f"serving on http://{p.host}:{p.port} (nginx in front of uvicorn)", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            if not server.alive():
+                raise UserError("nginx or uvicorn stopped unexpectedly (see the log above)")
 
 
 def main():

@@ -25,6 +25,11 @@ class Batcher:
     def running(self):
         return self.task is not None and not self.task.done() and not self.stopping
 
+    @property
+    def dead(self):
+        """The loop ended while nobody asked it to stop (an exception, a cancellation)."""
+        return self.task is not None and self.task.done() and not self.stopping
+
     async def start(self):
         self.wakeup = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name="batcher")

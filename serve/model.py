@@ -28,18 +28,28 @@ class Params:
     max_body_bytes: int = 10_000_000  # per request
     max_images: int = 16              # per request
     max_pixels: int = 40_000_000      # per image, read from its header before decoding (~120 MB as RGB)
-    max_connections: int = 64         # beyond it, 503: with max_body_bytes it bounds the memory held by bodies
-    read_timeout_s: float = 30.0      # to receive a whole body: a slow client cannot hold a connection forever
+    max_request_pixels: int = 80_000_000  # per request, summed over its images' headers before any is decoded
+    max_decode_queue: int = 64        # images queued or decoding; a request that would pass it gets 503
+    fast_lane_pixels: int = 4_000_000  # images up to this size decode on a thread of their own: never behind bombs
+    max_connections: int = 64         # /predict requests in progress (nginx limit_conn); beyond it, 503
+    max_sockets: int = 1024           # open client sockets (nginx worker_connections), idle ones included
+    header_timeout_s: float = 5.0     # to receive the request line and headers; also ends silent sockets
+    max_header_bytes: int = 32_768    # request line and headers; beyond, 431 (a single line: a quarter of it)
+    read_timeout_s: float = 30.0      # to receive a whole body (408); nginx also ends a body that stalls this long
     keep_alive_s: float = 75.0        # idle connections stay open this long: above any client's or balancer's
 
     def __post_init__(self):
         for name in ("max_batch_size", "threads", "decode_threads", "top_k", "max_body_bytes", "max_images",
-                     "max_pixels", "max_connections"):
+                     "max_pixels", "max_request_pixels", "max_decode_queue", "fast_lane_pixels",
+                     "max_connections", "max_sockets", "max_header_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
-        if self.max_wait_ms < 0 or self.read_timeout_s <= 0 or self.keep_alive_s <= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, read_timeout_s and keep_alive_s > 0, not "
-                             f"{self.max_wait_ms}, {self.read_timeout_s} and {self.keep_alive_s}")
+        if self.max_wait_ms < 0 or min(self.read_timeout_s, self.keep_alive_s, self.header_timeout_s) <= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, read_timeout_s, keep_alive_s and header_timeout_s > 0, "
+                             f"not {self.max_wait_ms}, {self.read_timeout_s}, {self.keep_alive_s}, "
+                             f"{self.header_timeout_s}")
+        if self.max_header_bytes < 4096:
+            raise ValueError(f"max_header_bytes must be at least 4096, not {self.max_header_bytes}")
 
 
 class InputError(Exception):
@@ -78,7 +88,11 @@ class Model:
 
     def __init__(self, card_path, threads):
         self.card = read_card(card_path)
-        self.infer = runtime.Runner(self.card["model"], threads, spinning=False)   # decoders share the cores
+        try:                                    # a file cut short still has the card's SHA if the card was made from it
+            self.infer = runtime.Runner(self.card["model"], threads, spinning=False)   # decoders share the cores
+        except Exception as e:                  # ONNX Runtime's own types (InvalidProtobuf, Fail, ...)
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise UserError(f"{self.card['model']} is not a model ONNX Runtime can load: {reason[:300]}") from None
         self.sess = self.infer.sess
         try:
             self.classes, self.pp = export.metadata(self.sess)
@@ -95,8 +109,8 @@ class Model:
                 "input_size": self.pp.input_size, "preprocessing": dataclasses.asdict(self.pp)}
 
 
-def preprocess(data, transform, max_pixels):
-    """Image bytes -> (3, H, W) float32 network input; InputError for anything but a sane image."""
+def open_image(data, max_pixels):
+    """Image bytes -> a PIL image whose header alone has been read, within `max_pixels`; InputError otherwise."""
     if not data:
         raise InputError(400, "empty_image", "the image is zero bytes")
     try:                                        # the header only: nothing is decoded yet
@@ -108,16 +122,27 @@ def preprocess(data, transform, max_pixels):
         raise InputError(413, "image_too_large", str(e)) from None
     except Exception as e:                      # PIL raises many types on malformed headers
         raise InputError(400, "corrupt_image", f"the image header cannot be read: {e}") from None
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        raise InputError(413, "image_too_large", f"the image is {width}x{height} = {width * height:,} "
+                                                 f"pixels; the limit is {max_pixels:,}")
+    return im
+
+
+def decode(im, transform):
+    """An opened image -> (3, H, W) float32 network input; InputError if its pixels cannot be decoded."""
     with im:
-        width, height = im.size
-        if width * height > max_pixels:
-            raise InputError(413, "image_too_large", f"the image is {width}x{height} = {width * height:,} "
-                                                     f"pixels; the limit is {max_pixels:,}")
         try:
             rgb = presets.to_rgb(im)
         except Exception as e:
             raise InputError(400, "corrupt_image", f"the image cannot be decoded: {e}") from None
     return transform(rgb).numpy()
+
+
+def preprocess(data, transform, max_pixels):
+    """Image bytes -> (3, H, W) float32 network input; InputError for anything but a sane image."""
+    return decode(open_image(data, max_pixels), transform)
 
 
 def softmax(logits):

@@ -1,0 +1,88 @@
+"""Bounded decoding for the server: a pixel budget per request, a bounded queue, two lanes, and no work for a client
+that has gone.
+
+Every image's header is read before any is decoded, so a request over `max_request_pixels` costs no decoding.
+At most `max_decode_queue` images wait or decode at once; a request that would pass it gets 503 at once rather
+than a place in a queue it cannot leave. Images up to `fast_lane_pixels` decode on a thread of their own, so a
+photo never waits behind a request of 6300x6300 16-bit PNGs. Cancelling `run` (the client went away) drops the
+images not yet started; one already decoding runs to its end, at most one image per lane.
+"""
+import asyncio
+import concurrent.futures
+import ctypes
+import ctypes.util
+
+from serve.model import InputError, decode, open_image
+
+try:                                    # glibc: hand freed heap pages back to the OS after a burst
+    _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+except (OSError, AttributeError, TypeError):
+    _malloc_trim = None
+
+
+def trim_memory():
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+class Decoder:
+    def __init__(self, transform, p):
+        self.transform, self.p = transform, p
+        self.big = concurrent.futures.ThreadPoolExecutor(p.decode_threads, thread_name_prefix="decode")
+        self.fast = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode-fast")
+        self.queued = 0                 # images admitted and not yet done, over all requests
+
+    async def run(self, images):
+        """[(name, bytes)] -> [(3, H, W) float32]; InputError (4xx, or 503 when the queue is full)."""
+        if self.queued + len(images) > self.p.max_decode_queue:
+            raise InputError(503, "busy", f"{self.queued} images are being decoded; the limit is "
+                                          f"{self.p.max_decode_queue}: retry shortly")
+        self.queued += len(images)
+        loop = asyncio.get_running_loop()
+        try:
+            opened = await loop.run_in_executor(self.fast, self._open_all, images)
+            try:
+                return await asyncio.gather(*(self._decode(loop, im, i, name)
+                                              for i, ((name, _), im) in enumerate(zip(images, opened))))
+            finally:
+                for im in opened:       # those never decoded (cancelled, or a sibling failed)
+                    im.close()
+        finally:
+            self.queued -= len(images)
+            if self.queued == 0:        # a burst is over: give its memory back (see README, "Serving")
+                self.fast.submit(trim_memory)
+
+    def _open_all(self, images):
+        opened, total = [], 0
+        try:
+            for i, (name, data) in enumerate(images):
+                try:
+                    im = open_image(data, self.p.max_pixels)
+                except InputError as e:
+                    raise where(e, i, name) from None
+                opened.append(im)
+                total += im.size[0] * im.size[1]
+            if total > self.p.max_request_pixels:
+                raise InputError(413, "request_too_large", f"the images hold {total:,} pixels together; the "
+                                                           f"limit per request is {self.p.max_request_pixels:,}")
+        except BaseException:
+            for im in opened:
+                im.close()
+            raise
+        return opened
+
+    async def _decode(self, loop, im, index, name):
+        lane = self.fast if im.size[0] * im.size[1] <= self.p.fast_lane_pixels else self.big
+        try:                            # cancelling the await cancels the pool's job if it has not started
+            return await loop.run_in_executor(lane, decode, im, self.transform)
+        except InputError as e:
+            raise where(e, index, name) from None
+
+    def shutdown(self):
+        for pool in (self.big, self.fast):
+            pool.shutdown(cancel_futures=True)
+
+
+def where(e, index, name):
+    """The error with the image it is about in front of its detail."""
+    return InputError(e.status, e.kind, f"image {index}" + (f" ({name!r})" if name else "") + f": {e.detail}")
