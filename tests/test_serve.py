@@ -1,6 +1,7 @@
 """The HTTP service, the folder predictor and the Triton repository, on a tiny trained model over real HTTP."""
 import asyncio
 import csv
+import dataclasses
 import hashlib
 import importlib.metadata
 import inspect
@@ -25,7 +26,7 @@ import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve import app as serve_app, predict_folder, triton
+from serve import app as serve_app, predict_folder, server as serve_server, triton
 from serve.batcher import Batcher
 from serve.model import Params
 from stages import export, prepare, presets, runtime, train
@@ -33,7 +34,7 @@ from stages.config import UserError
 from tests.conftest import COLORS, ROOT, TINY, make_image
 
 PARAMS = Params(max_batch_size=8, threads=1, max_body_bytes=200_000, max_images=4, max_pixels=1_000_000,
-                read_timeout_s=2.0)
+                max_request_pixels=1_500_000, read_timeout_s=2.0, header_timeout_s=2.0)
 
 
 def write_card(path, model, **fields):
@@ -91,29 +92,26 @@ def check_prediction(pred, classes, probs):
         assert abs(p["probability"] - probs[classes.index(p["class"])]) < 1e-5
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LiveServer:
-    """The app under a real uvicorn, configured as `make serve` configures it, on a free loopback port in a
-    background thread."""
+    """The app behind the real nginx and uvicorn (`serve.server.Server`, as `make serve` runs them) on a free
+    loopback port."""
 
     def __init__(self, app, p=PARAMS):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(serve_app.config(app, p, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.server = serve_server.Server(app, dataclasses.replace(p, host="127.0.0.1", port=free_port()),
+                                          log_level="warning")
 
     def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self.url
+        self.server.__enter__()
+        return f"http://127.0.0.1:{self.server.p.port}"
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
+        self.server.__exit__()
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +194,9 @@ BAD = {  # name: (request kwargs, status, error kind, words in the detail)
                         400, "corrupt_image", "truncated"),
     "zero bytes": (dict(content=b"", headers={"content-type": "image/jpeg"}), 400, "empty_image", "zero bytes"),
     "body over the limit (Content-Length)": (dict(content=TOO_BIG, headers={"content-type": "image/png"}),
-                                             413, "body_too_large", f"limit is {PARAMS.max_body_bytes:,}"),
+                                             413, "body_too_large", f"limit of {PARAMS.max_body_bytes:,}"),
     "body over the limit (streamed)": (dict(content=chunked(TOO_BIG), headers={"content-type": "image/png"}),
-                                       413, "body_too_large", "passed the limit"),
+                                       413, "body_too_large", f"limit of {PARAMS.max_body_bytes:,}"),
     "body too slow": (dict(content=chunked(PNG, len(PNG) // 2 + 1, pause=3), headers={"content-type": "image/png"}),
                       408, "read_timeout", "over 2.0 s"),
     "decompression bomb": (dict(content=png_header(2000, 2000), headers={"content-type": "image/png"}),
@@ -219,6 +217,9 @@ BAD = {  # name: (request kwargs, status, error kind, words in the detail)
                             400, "malformed_multipart", "ends before its closing boundary"),
     "multipart with a bad part": (multipart([("ok.png", PNG, "image/png"), ("notes.txt", b"text", "text/plain")]),
                                   400, "not_an_image", "image 1 ('notes.txt')"),
+    "over the pixel budget": (multipart([("a.png", png_header(1000, 1000), "image/png"),
+                                         ("b.png", png_header(800, 800), "image/png")]),
+                              413, "request_too_large", "1,640,000 pixels together"),
     "multipart with no parts": (dict(content=b"--b0undary--\r\n",
                                      headers={"content-type": "multipart/form-data; boundary=b0undary"}),
                                 400, "no_images", "no parts"),
@@ -451,7 +452,8 @@ def test_dockerfile_is_slim_pinned_non_root_and_copies_only_the_model_it_is_give
     assert user and user[-1] not in ("root", "0") and kinds.index("USER") > max(
         i for i, k in enumerate(kinds) if k == "RUN")                        # nothing runs as root after USER
     assert [a for k, a in steps if k == "EXPOSE"] == ["8000"]
-    assert "/healthz" in dict(steps)["HEALTHCHECK"]
+    assert "/readyz" in dict(steps)["HEALTHCHECK"]                          # fails when the batcher is dead
+    assert any("apt-get install" in a and "nginx" in a for k, a in steps if k == "RUN")
     assert json.loads(dict(steps)["CMD"]) == ["python", "-m", "serve.app", "--host", "0.0.0.0", "--port", "8000"]
     assert ("ARG", "MODEL_DIR=outputs/deploy") in steps and ("ENV", "SERVE_CARD=${MODEL_DIR}/card.json") in steps
     assert "ADD" not in kinds
@@ -464,3 +466,136 @@ def test_dockerfile_is_slim_pinned_non_root_and_copies_only_the_model_it_is_give
         name, version = pin.split("==")
         assert importlib.metadata.version(name) == version, f"{pin} is not what the tests ran with"
     assert (ROOT / "serve/Dockerfile.dockerignore").read_text().splitlines()[1] == "**"
+
+
+# Issue #13: connection-level limits (nginx in front), bounded decoding and the smaller faults, on the real server.
+
+def raw(url, data, timeout=10):
+    """Send raw bytes on a new connection; (status line's code, all that came back, closed by the server)."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+            closed = True
+        except TimeoutError:
+            closed = False
+    return int(out.split()[1]) if out else None, out, closed
+
+
+def test_nginx_refusals_are_json_counted_and_close(client, url):
+    before = metrics(client)
+    status, out, closed = raw(url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+    assert status == 431 and b'"error":"headers_too_large"' in out and closed
+    status, out, closed = raw(url, b"GARBAGE\r\n\r\n")
+    assert status == 400 and b'"error":"bad_request"' in out and closed
+    status, out, closed = raw(url, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                   b"Content-Length: 99999999\r\n\r\n" + b"x" * 1000)
+    assert status == 413 and b"connection: close" in out.lower() and closed
+    after = metrics(client)
+    def by_status(m, code):
+        return sum(v for (name, labels), v in m.items() if name == "serve_requests_total" and ("status", code) in labels)
+    for code in ("431", "400", "413"):
+        assert by_status(after, code) == by_status(before, code) + 1, code
+    assert after[("serve_errors_total", (("kind", "headers_too_large"),))] >= 1
+
+
+def test_401_and_408_close_the_connection(url, card, monkeypatch):
+    status, out, closed = raw(url, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                   b"Content-Length: 100000\r\n\r\n" + PNG[:100], timeout=PARAMS.read_timeout_s + 3)
+    assert status == 408 and b"read_timeout" in out and closed
+    monkeypatch.setenv(serve_app.API_KEY_ENV, "k")
+    with LiveServer(serve_app.create_app(card, PARAMS)) as keyed:
+        status, out, closed = raw(keyed, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                         b"Content-Length: 100000\r\n\r\n" + PNG[:100])
+        assert status == 401 and b"connection: close" in out.lower() and closed
+
+
+@pytest.mark.slow
+def test_silent_and_slowloris_sockets_lock_nobody_out(url, card):
+    """64 + 64 sockets that never finish a request: /healthz and /predict answer within 1 s, all are closed within
+    serve.header_timeout_s, and an idle keep-alive connection (see above) is not."""
+    from benchmarks.attack import slow_sockets
+    host, port = url.split("//")[1].split(":")
+    r = slow_sockets(host, int(port), PARAMS, url, PNG)
+    assert r["healthz"] == 200 and r["predict"] == 200 and max(r["healthz_s"], r["predict_s"]) < 1, r
+    assert r["still_open"] == 0 and r["all_closed_s"] < PARAMS.header_timeout_s + 1, r
+
+
+def test_api_key_is_compared_as_utf8_bytes(card, monkeypatch):
+    monkeypatch.setenv(serve_app.API_KEY_ENV, "clé-ключ")
+    with LiveServer(serve_app.create_app(card, PARAMS)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        png = {"content-type": "image/png"}
+        r = c.post("/predict", content=PNG, headers={**png, "x-api-key": "clé-ключ".encode()})
+        assert r.status_code == 200, r.text
+        r = c.post("/predict", content=PNG, headers={**png, "x-api-key": "clé".encode("latin-1")})
+        assert r.status_code == 401
+
+
+def test_an_empty_api_key_is_refused_unless_disabled(card, monkeypatch):
+    monkeypatch.setenv(serve_app.API_KEY_ENV, " ")
+    with pytest.raises(UserError, match="set but empty"):
+        serve_app.create_app(card, PARAMS)
+    monkeypatch.setenv(serve_app.NO_KEY_ENV, "1")
+    serve_app.create_app(card, PARAMS)
+
+
+def test_a_truncated_model_with_its_own_sha_is_one_line(card, tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes((card.parent / "model.onnx").read_bytes()[:5000])
+    bad = write_card(tmp_path / "card.json", model)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "serve.app", "--card", str(bad)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "is not a model ONNX Runtime can load" in r.stderr
+
+
+def test_no_redirect_is_built_from_the_host_header(client):
+    r = client.post("/predict/", content=PNG, headers={"content-type": "image/png", "host": "evil.example"},
+                    follow_redirects=False)
+    assert r.status_code == 404 and "location" not in r.headers and r.json()["error"] == "not_found"
+
+
+def test_a_dead_batcher_fails_health_and_readiness_and_a_full_queue_is_503(card):
+    app = serve_app.create_app(card, dataclasses.replace(PARAMS, max_decode_queue=1))
+    with LiveServer(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/predict", **multipart([("a.png", PNG, "image/png")] * 2))
+        assert r.status_code == 503 and r.json()["error"] == "busy", r.text
+        assert c.post("/predict", content=PNG, headers={"content-type": "image/png"}).status_code == 200
+        app.state.batcher.task.get_loop().call_soon_threadsafe(app.state.batcher.task.cancel)
+        time.sleep(0.2)
+        for path in ("/healthz", "/readyz"):
+            assert c.get(path).status_code == 503
+        r = c.post("/predict", content=PNG, headers={"content-type": "image/png"})
+        assert r.status_code == 503 and r.json()["error"] == "not_ready"
+        m = metrics(c)
+        assert m[("serve_requests_total", (("endpoint", "/predict"), ("status", "503")))] == 2
+
+
+def test_16_bit_grey_converts_without_a_float64_copy():
+    import tracemalloc
+    im = Image.fromarray((np.arange(2000 * 2000, dtype=np.uint32) % 65536).astype(np.uint16).reshape(2000, 2000))
+    tracemalloc.start()
+    rgb = presets.to_rgb(im)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert rgb.mode == "RGB" and peak < 5 * 2000 * 2000, f"{peak / 4e6:.1f} bytes per pixel"   # float64: 16+
+    assert rgb.getpixel((257 * 3, 0)) == (3, 3, 3)
+
+
+@pytest.mark.slow
+def test_decoding_is_bounded_and_memory_returns(card, tmp_path):
+    """The attack script against the real server with serve's shipped limits: a photo behind three maximal 16-bit
+    requests in time, a 431 and a closing 413, and RSS after the zoo within 1.5x of after warm-up."""
+    from benchmarks import attack
+    p = dataclasses.replace(PARAMS, max_body_bytes=Params.max_body_bytes, max_images=Params.max_images,
+                            max_pixels=Params.max_pixels, max_request_pixels=Params.max_request_pixels)
+    r = attack.run(card, p, tmp_path / "server.log", load_s=2)
+    failed = [what for what, held in attack.verdicts(r, p) if not held]
+    assert not failed, (failed, r)
