@@ -134,7 +134,7 @@ def holdout_score(logits, labels):
     return (round((logits.argmax(1) == labels).float().mean().item(), 6), -F.cross_entropy(logits, labels).item())
 
 
-def probe_features(model, rows, classes, pp, p, device, views):
+def probe_features(model, rows, classes, p, device, views):
     """Body features of `rows` under each transform in `views`: (x [views*n, d], y [views*n], image index)."""
     feats = [predict(model.body, loader(rows, classes, tf, p.batch_size, column="cached"), device,
                      f"train: features, view {i + 1}/{len(views)}" if len(rows) > 64 else None)
@@ -165,7 +165,8 @@ def fit_probe(x, y, c, balanced):
 
 def choose_c(x, y, image, p):
     """The probe's regularisation by stratified k-fold cross-validation over whole images (a picture's
-    augmented views stay on one side): out-of-fold accuracy, then log-loss on ties. Returns (C, report)."""
+    augmented views stay on one side; the first rows are each image's plain view, in `image` order):
+    out-of-fold accuracy, then log-loss on ties. Returns (C, report)."""
     from sklearn.model_selection import StratifiedKFold
 
     plain = image[:len(np.unique(image))]           # view 0 of each image, in order
@@ -184,8 +185,8 @@ def choose_c(x, y, image, p):
             loss += F.cross_entropy(logits, torch.tensor(labels[te]), reduction="sum").item()
         scores.append((right / len(plain), -loss / len(plain), np.std(per_fold), c))
     acc, neg_loss, spread, c = max(scores)
-    return c, {"lp_c": c, "cv_folds": int(folds), "cv_acc": round(float(acc), 4), "cv_acc_std": round(float(spread), 4),
-               "cv_loss": round(-neg_loss, 4)}
+    return c, {"lp_c": c, "cv_folds": int(folds), "cv_acc": round(float(acc), 4),
+               "cv_acc_std": round(float(spread), 4), "cv_loss": round(-neg_loss, 4)}
 
 
 def set_head(head, weight, bias):
@@ -204,8 +205,8 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
     train + holdout: the probe to keep when the body stays frozen, and the baseline evaluate reports."""
     aug = presets.train_transform(pp, p.crop_scale, p.hflip, p.policy)
     views = [presets.eval_transform(pp)] + [aug] * (p.lp_views - 1)
-    x, y, image = probe_features(model, train_rows, classes, pp, p, device, views)
-    hx, hy, _ = probe_features(model, hold_rows, classes, pp, p, device, views[:1])
+    x, y, image = probe_features(model, train_rows, classes, p, device, views)
+    hx, hy, _ = probe_features(model, hold_rows, classes, p, device, views[:1])
     n = len(train_rows)
     c, cv = choose_c(np.concatenate([x[:n], hx, x[n:]]), np.concatenate([y[:n], hy, y[n:]]),
                      np.concatenate([image[:n], n + np.arange(len(hx)), image[n:]]), p)
