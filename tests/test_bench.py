@@ -47,3 +47,24 @@ def test_quick_run_writes_results_md_with_headline_and_a_section_per_part(bench)
 def test_quick_run_writes_the_plots(bench):
     for name in ("training", "deploy", "overhead", "serving"):
         assert (bench / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_datasets_table_on_generated_sets(tmp_path):
+    """benchmarks.datasets over two generated sets (one with split folders, one without): a row each, the
+    baseline beside the pipeline, the CPU named."""
+    from benchmarks import datasets
+    from stages import prepare, train
+    from tests.conftest import COLORS, TINY, make_image
+    for k, (c, color) in enumerate(COLORS.items()):
+        for i in range(12):
+            make_image(tmp_path / "sets" / "flat" / c / f"{i}.png", color, seed=100 * k + i)
+            make_image(tmp_path / "sets" / "split" / ("val" if i < 4 else "train") / c / f"{i}.png", color,
+                       seed=500 + 100 * k + i)
+    rows = datasets.run(tmp_path / "sets", tmp_path / "out", train.Params(**TINY), prepare.Params(source=""))
+    assert [r["dataset"] for r in rows] == ["flat", "split"]
+    for r in rows:
+        assert r["kept"] in ("linear_probe", "finetune") and 0 <= r["baseline_val"] <= 1
+        assert r["gap"] == round(r["pipeline_val"] - r["baseline_val"], 4) and r["val"] > 0
+    text = (tmp_path / "out" / "DATASETS.md").read_text()
+    assert "| flat | 2 |" in text and "Mean gap" in text and datasets.cpu().split(",")[0] in text
+    assert json.loads((tmp_path / "out" / "datasets.json").read_text())["rows"] == rows

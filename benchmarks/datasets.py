@@ -1,0 +1,104 @@
+"""Across data sets: the default train recipe against the simplest strong baseline, on every set there is.
+
+For each folder under `--datasets` (default `../shared/datasets`; each is copied into a temporary folder first,
+so nothing reads the original): `prepare` and `train` with params.yaml's sections (only `prepare.source`
+changes), then val accuracy of the shipped model and of the frozen-feature logistic regression that train's
+probe is (cross-validated on train + holdout, on the pretrained body). `validate` is not run: the point is the
+recipe, and a set outside the data contract (trashnet's imbalance) would stop there.
+
+`python -m benchmarks.datasets --out benchmarks` writes DATASETS.md and datasets.json.
+"""
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stages import presets, prepare, train
+from stages.config import atomic_text, cli, load_section
+from stages.evaluate import baseline_logits, scores
+from stages.prepare import read_manifest
+
+
+def cpu():
+    """Model name and the vector extensions that decide float and INT8 speed (see TRAPS.md)."""
+    info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name")),
+                platform.processor())
+    flags = set(info.split())
+    return f"{name}, " + (", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags)
+                          or "no AVX2")
+
+
+def one(source, work, pp_params, tp):
+    """prepare + train on a copy of `source`; val accuracy of the shipped model and of the baseline."""
+    copy = Path(shutil.copytree(source, work / source.name / "data"))
+    manifest = work / source.name / "prepare" / "manifest.csv"
+    prepare.run(copy, manifest.parent, dataclasses.replace(pp_params, source=str(copy)))
+    t0 = time.perf_counter()
+    result = train.run(manifest, work / source.name / "train", tp)
+    seconds = time.perf_counter() - t0
+    model, classes, pp = train.load_model(work / source.name / "train" / "model.pt")
+    rows, _ = read_manifest(manifest, {"val"})
+    batches = train.loader(rows, classes, presets.eval_transform(pp), tp.batch_size)
+    logits, labels = train.predict(model, batches, "cpu")
+    ckpt = torch.load(work / source.name / "train" / "model.pt", map_location="cpu", weights_only=True)
+    base = baseline_logits(ckpt, batches, "cpu", logits)
+    counts = {s: len(read_manifest(manifest, {s})[0]) for s in ("train", "holdout", "val")}
+    acc, base_acc = (scores(x.argmax(1), labels, classes)["accuracy"] for x in (logits, base))
+    sel = result["selection"]
+    return {"dataset": source.name, "classes": len(classes), **counts, "pipeline_val": acc,
+            "baseline_val": base_acc, "gap": round(acc - base_acc, 4), "kept": sel["kept"],
+            "why": sel.get("why", ""), "cv_acc": sel.get("cv_acc"), "cv_acc_std": sel.get("cv_acc_std"),
+            "lp_c": sel.get("lp_c"), "train_seconds": round(seconds, 1)}
+
+
+def table(rows, machine):
+    lines = [f"# The default recipe across data sets ({machine})", "",
+             "Val accuracy of the shipped model (`train` with params.yaml's defaults) and of the frozen-feature "
+             "logistic regression on the same manifest; the gap is pipeline minus baseline.", "",
+             "| data set | classes | train / holdout / val | pipeline val | baseline val | gap | kept | "
+             "probe CV accuracy | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['classes']} | {r['train']} / {r['holdout']} / {r['val']} | "
+                     f"{r['pipeline_val']:.4f} | {r['baseline_val']:.4f} | {r['gap']:+.4f} | {r['kept']} | "
+                     f"{r['cv_acc']} +/- {r['cv_acc_std']} | {r['train_seconds']} |")
+    if rows:
+        mean = sum(r["gap"] for r in rows) / len(rows)
+        lines += ["", f"Mean gap {mean:+.4f}; worst {min(r['gap'] for r in rows):+.4f}.", "",
+                  "Why each kept what it kept:", ""] + [f"- {r['dataset']}: {r['why'] or r['kept']}" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run(datasets, out, tp, pp_params):
+    sources = sorted(d for d in Path(datasets).iterdir() if d.is_dir())
+    rows, machine = [], cpu()
+    with tempfile.TemporaryDirectory() as work:
+        for source in sources:
+            print(f"datasets: {source.name}", flush=True)
+            rows.append(one(source, Path(work), pp_params, tp))
+            print(json.dumps(rows[-1]), flush=True)
+    out = Path(out)
+    atomic_text(out / "datasets.json", json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    atomic_text(out / "DATASETS.md", table(rows, machine))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="../shared/datasets")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rows = run(args.datasets, args.out, load_section(train.Params, "train"),
+               load_section(prepare.Params, "prepare"))
+    print(table(rows, cpu()))
+
+
+if __name__ == "__main__":
+    cli(main)
