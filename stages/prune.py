@@ -20,7 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from stages import backbones, presets, train
-from stages.config import UserError, atomic_text, atomic_write, cli, load_section, stage_device
+from stages.config import UserError, atomic_text, cli, load_section, stage_device
 from stages.prepare import read_manifest
 
 SCOPES = ("hidden", "all")
@@ -169,7 +169,7 @@ def run(checkpoint, manifest, out_dir, p, device="cpu"):
     model.cpu()
     out = {**ckpt, "model": {k: v.cpu() for k, v in model.state_dict().items()},
            "pruning": {"widths": widths(model), "params": dataclasses.asdict(p)}}
-    atomic_write(Path(out_dir) / "model.pt", lambda tmp: torch.save(out, tmp))
+    train.save_checkpoint(Path(out_dir) / "model.pt", out)
     report = {"ratio": p.ratio, "importance": p.importance, "params_before": int(params0),
               "params_after": int(params1), "params_kept": round(params1 / params0, 4), "macs_before": int(macs0),
               "macs_after": int(macs1), "macs_kept": round(macs1 / macs0, 4),

@@ -340,7 +340,7 @@ def run(manifest, out_dir, p, device="cpu"):
     ckpt = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "backbone": p.backbone,
             "classes": classes, "dropout": p.dropout, "preprocessing": pp.to_json(),
             "params": dataclasses.asdict(p), "selection": selection, **extra}
-    atomic_write(out / "model.pt", lambda tmp: torch.save(ckpt, tmp))
+    save_checkpoint(out / "model.pt", ckpt)
 
     def write_history(tmp):
         with open(tmp, "w", newline="") as f:
@@ -351,6 +351,15 @@ def run(manifest, out_dir, p, device="cpu"):
 
     atomic_write(out / "history.csv", write_history)
     return {"seconds": round(time.perf_counter() - t0, 1), "history": history, "selection": selection}
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save, atomically, to an open file: saved by name, the zip's inner folder is named after the
+    temporary file, and equal tensors would give different bytes on every run."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+    atomic_write(path, write)
 
 
 def load_model(path):

@@ -38,6 +38,7 @@ def test_training_is_deterministic(tmp_path, manifest):
         train.run(manifest, tmp_path / d, train.Params(**TINY))
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True)["model"] for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
 
 
 def test_holdout_never_includes_val(tmp_path, manifest):
