@@ -1,7 +1,8 @@
 """prepare: scan an image folder, clean it by explicit rules, split deterministically, write a manifest.
 
 The source is an ImageFolder (`<class>/<image>`) or one with its own split folders
-(`train/<class>/<image>`, `val/<class>/<image>`), which are kept; a seeded stratified split otherwise.
+(`<split>/<class>/<image>`: train, val or valid or validation, test), which are kept; a missing train or val
+is carved from the other by a seeded stratified split. A `test` split is kept apart and read by no stage.
 A `holdout` slice carved from `train` only is what training selects on: `val` stays untouched.
 Every file gets a row: set-aside files keep theirs, with the rule and the reason. Nothing in the source
 is changed. Kept images are also written as small RGB copies that training decodes instead.
@@ -9,41 +10,50 @@ is changed. Kept images are also written as small RGB copies that training decod
 import argparse
 import csv
 import dataclasses
+import fcntl
 import hashlib
+import os
 import random
+import shutil
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import imagehash
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages import presets
+from stages import duplicates, presets
 from stages.config import UserError, atomic_dir, cli, load_section
 
 FIELDS = ["path", "label", "split", "width", "height", "mode", "format", "bytes", "sha256", "phash",
-          "status", "rule", "reason", "cached"]
-SPLIT_DIRS = ("train", "val")
+          "status", "rule", "reason", "cached", "picture"]
+SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+LAYOUTS = ("accepted layouts: <class>/<image>, or <split>/<class>/<image> with splits train, val "
+           "(or valid, validation) and test")
+MAX_PAIRS = 500                 # set-aside pairs drawn side by side into pairs/ (each ~10-20 KB)
+MAX_SIMILAR = 50                # "similar, not confirmed" pairs listed and drawn, closest first
 EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
                ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 # rule -> default action; unreadable files and bombs cannot be kept
-RULES = {"unreadable": "drop", "bomb": "drop", "format_mismatch": "keep", "too_small": "drop",
-         "placeholder": "drop", "duplicate": "drop", "near_duplicate": "drop", "leakage": "drop",
-         "conflict": "drop"}
+RULES = {"unreadable": "drop", "bad_name": "drop", "bomb": "drop", "format_mismatch": "keep",
+         "too_small": "drop", "placeholder": "drop", "duplicate": "drop", "near_duplicate": "drop",
+         "leakage": "drop", "conflict": "drop"}
+UNKEEPABLE = ("unreadable", "bad_name", "bomb")
 
 
 @dataclasses.dataclass(frozen=True)
 class Params:
     source: str
     seed: int = 0
-    val_fraction: float = 0.3       # used only when the source has no train/ and val/ folders
+    val_fraction: float = 0.3       # used only when the source lacks a train or a val folder
     holdout_fraction: float = 0.2   # of train, per class, for model selection
     min_side: int = 32              # px, after EXIF rotation
     max_pixels: int = 40_000_000    # larger images are refused from their header, before decoding
     min_entropy: float = 2.0        # bits of luminance; the shipped "image not found" GIF has 0.56
-    near_distance: int = 4          # pHash Hamming distance (of 64 bits) for near duplicates
+    near_distance: int = 14         # pHash Hamming distance (of 64 bits) for near-duplicate *candidates*
+    near_max_difference: float = 16.0   # levels (0-255): a candidate is confirmed at or under it (duplicates.py)
     cache_side: int = 320           # shorter side of the RGB copies training reads (never upscaled)
     rules: dict = dataclasses.field(default_factory=dict)   # rule -> drop | keep | fail
 
@@ -51,7 +61,7 @@ class Params:
         for rule, action in self.rules.items():
             if rule not in RULES:
                 raise UserError(f"prepare.rules: unknown rule '{rule}'; rules: {', '.join(RULES)}")
-            allowed = ("drop", "fail") if rule in ("unreadable", "bomb") else ("drop", "keep", "fail")
+            allowed = ("drop", "fail") if rule in UNKEEPABLE else ("drop", "keep", "fail")
             if action not in allowed:
                 raise UserError(f"prepare.rules.{rule}: '{action}' is not one of {', '.join(allowed)}")
 
@@ -59,16 +69,43 @@ class Params:
         return self.rules.get(rule, RULES[rule])
 
 
-def scan(source):
-    """(path, label, split or None) for every file under `source`, in a stable order."""
+def _folders(folder):
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def layout(source):
+    """{folder: split}: the source's split folders (None where prepare carves the split), or {source: None}."""
     source = Path(source)
     if not source.is_dir():
         raise UserError(f"source folder '{source}' does not exist (params.yaml: prepare.source)")
-    roots = [(source / s, s) for s in SPLIT_DIRS] if all((source / s).is_dir() for s in SPLIT_DIRS) \
-        else [(source, None)]
+    dirs = _folders(source)
+    named = [d for d in dirs if d.name.lower() in SPLIT_DIRS]
+    if not named:
+        return {source: None}
+    others = [d.name for d in dirs if d not in named]
+    if others:
+        raise UserError(f"'{source}' mixes split folders ({', '.join(d.name for d in named)}) with other folders "
+                        f"({', '.join(others[:5])}); {LAYOUTS}")
+    splits = {}
+    for d in named:
+        split = SPLIT_DIRS[d.name.lower()]
+        if split in splits.values():
+            twice = [k.name for k, v in splits.items() if v == split] + [d.name]
+            raise UserError(f"'{source}' has two folders for split {split} ({' and '.join(twice)}): keep one")
+        splits[d] = split
+    have = set(splits.values())
+    if have == {"test"}:
+        raise UserError(f"'{source}' has only a test folder: add train/ (or val/) to learn from; {LAYOUTS}")
+    if not {"train", "val"} <= have:          # the one there is split by prepare.val_fraction; test stays apart
+        splits = {d: (s if s == "test" else None) for d, s in splits.items()}
+    return splits
+
+
+def scan(source):
+    """(path, label, split or None) for every file under `source`, in a stable order."""
     files, classes = [], None
-    for root, split in roots:
-        dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    for root, split in layout(source).items():
+        dirs = _folders(root)
         if not dirs:
             raise UserError(f"'{root}' has no class folders: expected {root}/<class>/<image>")
         names = [d.name for d in dirs]
@@ -76,18 +113,40 @@ def scan(source):
             raise UserError(f"class folders differ between splits: {classes} vs {names} in '{root}'")
         classes = names
         for d in dirs:
-            found = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not safe_name(d)[1]:
+                raise UserError(f"class folder '{safe_name(d)[0]}' is not valid UTF-8: rename it")
+            nested = _folders(d)
+            if nested:
+                raise UserError(f"class folder '{d}' holds folders ({', '.join(n.name for n in nested[:3])}"
+                                f"{', ...' if len(nested) > 3 else ''}), not images; {LAYOUTS}")
+            # A dangling link is listed too: it gets its row, as unreadable.
+            found = sorted(f for f in d.iterdir() if (f.is_file() or f.is_symlink() and not f.exists())
+                           and not f.name.startswith("."))
             if not found:
                 raise UserError(f"class folder '{d}' is empty: add images or remove the folder")
-            files += [(p, d.name, split) for p in found]
+            files += [(f, d.name, split) for f in found]
     return files
+
+
+def safe_name(path):
+    """(the path as text the manifest can hold, whether its name was valid UTF-8): bad bytes shown as \\xNN."""
+    text = path.as_posix()
+    try:
+        text.encode("utf-8")
+        return text, True
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace"), False
 
 
 def inspect(path, p):
     """A manifest row for one file and its RGB image (None when set aside); memory bounded by max_pixels."""
-    with open(path, "rb") as f:
-        row = {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest(),
-               "width": 0, "height": 0, "mode": "", "format": "", "phash": "", "rule": "", "reason": ""}
+    row = {"bytes": 0, "sha256": "", "width": 0, "height": 0, "mode": "", "format": "", "phash": "",
+           "rule": "", "reason": ""}
+    try:
+        with open(path, "rb") as f:
+            row.update(bytes=os.fstat(f.fileno()).st_size, sha256=hashlib.file_digest(f, "sha256").hexdigest())
+    except OSError as e:                         # no permission, a dangling link, an I/O error
+        return {**row, "rule": "unreadable", "reason": f"cannot be read: {e.strerror or e}"}, None
     if row["bytes"] == 0:
         return {**row, "rule": "unreadable", "reason": "zero-byte file"}, None
     try:
@@ -130,8 +189,10 @@ def inspect(path, p):
     return row, rgb
 
 
-def find_groups(rows, near_distance):
-    """Groups (lists of row indices) of the same picture: equal content hash or pHash within the distance."""
+def find_groups(rows, p, thumbnail):
+    """Groups (lists of row indices) of the same picture: equal content hash, or a pHash candidate that its
+    pixels confirm (`thumbnail(i)`, duplicates.difference); and the candidates not confirmed, as
+    (i, j, pHash distance, difference)."""
     ids = [i for i, r in enumerate(rows) if r["phash"]]
     parent = {i: i for i in ids}
 
@@ -141,46 +202,59 @@ def find_groups(rows, near_distance):
             i = parent[i]
         return i
 
-    hashes = np.array([int(rows[i]["phash"], 16) for i in ids], dtype=np.uint64)
-    for start in range(0, len(ids), 512):                      # bounded memory: 512 x n at a time
-        dist = np.bitwise_count(hashes[start:start + 512, None] ^ hashes[None, :])
-        for a, b in zip(*np.nonzero(dist <= near_distance)):
-            if start + a < b:
-                parent[root(ids[start + a])] = root(ids[b])
     by_sha = {}
     for i in ids:
         by_sha.setdefault(rows[i]["sha256"], []).append(i)
     for same in by_sha.values():
         for i in same[1:]:
             parent[root(i)] = root(same[0])
+    thumbs, unconfirmed = {}, []
+    for a, b, dist in duplicates.candidates([int(rows[i]["phash"], 16) for i in ids], p.near_distance):
+        a, b = ids[a], ids[b]
+        if root(a) == root(b):
+            continue                            # exact copies, or joined already through another pair
+        for i in (a, b):
+            if i not in thumbs:
+                thumbs[i] = thumbnail(i)
+        diff = duplicates.difference(thumbs[a], thumbs[b])
+        if diff <= p.near_max_difference:
+            parent[root(a)] = root(b)
+        else:
+            unconfirmed.append((a, b, dist, diff))
     groups = {}
     for i in ids:
         groups.setdefault(root(i), []).append(i)
-    return [sorted(g) for g in groups.values() if len(g) > 1]
+    return ([sorted(g) for g in groups.values() if len(g) > 1],
+            [u for u in unconfirmed if root(u[0]) != root(u[1])])   # not joined through other pairs either
 
 
 def judge_groups(rows, groups):
-    """Conflict (two labels), leakage (train and val) or duplicate: the rule for each extra copy."""
+    """Conflict (two labels), leakage (into test or val) or duplicate: the rule for each extra copy, the copy
+    it is shown beside (`pair`), and one `picture` id per group."""
     for g in groups:
         labels = sorted({rows[i]["label"] for i in g})
         names = ", ".join(rows[i]["path"] for i in g)
         if len(labels) > 1:
             for i in g:
-                rows[i].update(rule="conflict", reason=f"same picture under labels {' and '.join(labels)}: {names}")
+                other = next(j for j in g if rows[j]["label"] != rows[i]["label"])
+                rows[i].update(rule="conflict", pair=other, picture=rows[g[0]]["sha256"],
+                               reason=f"same picture under labels {' and '.join(labels)}: {names}")
             continue
-        vals = [i for i in g if rows[i]["split"] == "val"]
-        first = vals[0] if vals else g[0]
+        # The copy in the split furthest from training stays: test, then val.
+        held = [i for i in g if rows[i]["split"] == "test"] or [i for i in g if rows[i]["split"] == "val"]
+        first = held[0] if held else g[0]
         for i in g:
+            rows[i]["picture"] = rows[first]["sha256"]
             if i == first:
                 continue
             same = rows[i]["sha256"] == rows[first]["sha256"]
-            if vals and rows[i]["split"] != "val":
+            if held and rows[i]["split"] != rows[first]["split"]:
                 rule = "leakage"
-                what = f"same picture as val file {rows[first]['path']}"
+                what = f"same picture as {rows[first]['split']} file {rows[first]['path']}"
             else:
                 rule = "duplicate" if same else "near_duplicate"
                 what = f"{'exact' if same else 'near'} duplicate of {rows[first]['path']}"
-            rows[i].update(rule=rule, reason="; ".join(filter(None, [what, rows[i]["reason"]])))
+            rows[i].update(rule=rule, pair=first, reason="; ".join(filter(None, [what, rows[i]["reason"]])))
 
 
 def apply_rules(rows, p):
@@ -224,67 +298,148 @@ def save_copy(rgb, cache_dir, sha, side):
     return path
 
 
+def clean_stale(out_dir, min_age_s=10):
+    """Remove the temporary siblings (`.<name>.*`, from atomic_dir) that killed runs left behind: only those no
+    live run holds locked (a run locks its own) and untouched for `min_age_s` (one just made is not locked yet)."""
+    for d in sorted(out_dir.parent.glob(f".{out_dir.name}.*")):
+        if d.is_symlink() or not d.is_dir() or time.time() - d.stat().st_mtime < min_age_s:
+            continue
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue                            # a prepare still running
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def layout_note(splits, p):
+    """One line for the report: which folders gave which split, and what prepare carved."""
+    if list(splits.values()) == [None]:
+        return f"No split folders: val is carved from all images (prepare.val_fraction {p.val_fraction})."
+    named = [f"{d.name}/" + (f" (as {s})" if s and s != d.name else "") for d, s in splits.items()]
+    carved = [d.name for d, s in splits.items() if s is None]
+    note = f"Split folders: {', '.join(named)}."
+    if carved:
+        note += f" Train and val are carved from {carved[0]}/ (prepare.val_fraction {p.val_fraction})."
+    if "test" in splits.values():
+        note += " The test split is kept apart: no stage trains, selects or evaluates on it."
+    return note
+
+
 def run(source, out_dir, p):
-    """Scan, clean and split `source`; write manifest.csv, report.md and images/ into `out_dir`."""
-    files = scan(source)
+    """Scan, clean and split `source`; write manifest.csv, report.md, images/ and pairs/ into `out_dir`."""
     out_dir = Path(out_dir)
+    clean_stale(out_dir)
+    note = layout_note(layout(source), p)
+    files = scan(source)
     rows = []
     with atomic_dir(out_dir) as tmp:
-        (tmp / "images").mkdir()
-        for path, label, split in tqdm(files, desc="prepare: checking images", unit="img"):
-            row, rgb = inspect(path, p)
-            row.update(path=path.as_posix(), label=label, split=split, status="ok", cached="")
-            if rgb is not None:
-                cached = save_copy(rgb, tmp / "images", row["sha256"], p.cache_side)
-                row["cached"] = (out_dir / "images" / cached.name).as_posix()
-            rows.append(row)
-        failures = apply_rules(rows, p)                       # per-file rules first...
-        judge_groups(rows, find_groups([r if r["status"] == "ok" else {**r, "phash": ""} for r in rows],
-                                       p.near_distance))
-        failures += apply_rules(rows, p)                      # ...then duplicates among the survivors
-        if failures:
-            raise UserError(f"{len(failures)} file(s) break a rule set to 'fail' in prepare.rules: "
-                            + "; ".join(failures[:5]) + (" ..." if len(failures) > 5 else ""))
-        assign_splits(rows, p.seed, p.val_fraction, p.holdout_fraction)
-        for split in ("train", "val"):
-            for label in sorted({r["label"] for r in rows}):
-                if not any(r["split"] == split and r["label"] == label for r in rows):
-                    raise UserError(f"class '{label}' has no usable image in split '{split}'")
-        for r in rows:
-            if r["status"] == "dropped" and r["cached"]:
-                Path(tmp / "images" / Path(r["cached"]).name).unlink(missing_ok=True)
-                r["cached"] = ""
-        write_manifest(tmp / "manifest.csv", rows)
-        (tmp / "report.md").write_text(report(rows, source))
+        lock = os.open(tmp, os.O_RDONLY)        # held until this run ends: clean_stale leaves it alone
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rows, similar, n_similar = _prepare(files, tmp, out_dir, p)
+            (tmp / "report.md").write_text(report(rows, source, similar, n_similar, note), encoding="utf-8")
+        finally:
+            os.close(lock)
     return rows
 
 
+def _prepare(files, tmp, out_dir, p):
+    """The rows of every file, decided and split, with cached copies and pair pictures written under `tmp`."""
+    (tmp / "images").mkdir()
+    rows = []
+    for path, label, split in tqdm(files, desc="prepare: checking images", unit="img"):
+        row, rgb = inspect(path, p)
+        text, valid = safe_name(path)
+        if not valid:
+            row.update(rule="bad_name", reason="file name is not valid UTF-8 (shown with \\x escapes): rename it")
+            rgb = None
+        row.update(path=text, label=label, split=split, status="ok", cached="", picture=row["sha256"])
+        if rgb is not None:
+            cached = save_copy(rgb, tmp / "images", row["sha256"], p.cache_side)
+            row["cached"] = (out_dir / "images" / cached.name).as_posix()
+        rows.append(row)
+
+    def local(row):                                         # a cached copy, while it is still in `tmp`
+        return tmp / "images" / Path(row["cached"]).name
+
+    failures = apply_rules(rows, p)                       # per-file rules first...
+    groups, similar = find_groups([r if r["status"] == "ok" else {**r, "phash": ""} for r in rows], p,
+                                  lambda i: duplicates.thumbnail(local(rows[i])))
+    judge_groups(rows, groups)
+    failures += apply_rules(rows, p)                      # ...then duplicates among the survivors
+    if failures:
+        raise UserError(f"{len(failures)} file(s) break a rule set to 'fail' in prepare.rules: "
+                        + "; ".join(failures[:5]) + (" ..." if len(failures) > 5 else ""))
+    assign_splits(rows, p.seed, p.val_fraction, p.holdout_fraction)
+    for split in ("train", "val"):
+        for label in sorted({r["label"] for r in rows}):
+            if not any(r["split"] == split and r["label"] == label for r in rows):
+                raise UserError(f"class '{label}' has no usable image in split '{split}'")
+    # Pictures for a person to check: each set-aside copy beside the one it matched, then the closest
+    # candidates that were not confirmed.
+    drawn = [r for r in rows if r["status"] == "dropped" and "pair" in r][:MAX_PAIRS]
+    for n, r in enumerate(drawn):
+        r["shown"] = f"pairs/{n + 1:04d}.png"
+    n_similar = len(similar)
+    similar = [(rows[a], rows[b], dist, d, f"pairs/similar-{n + 1:03d}.png")
+               for n, (d, dist, a, b) in enumerate(sorted((d, dist, a, b) for a, b, dist, d in similar)[:MAX_SIMILAR])]
+    jobs = [(r, rows[r["pair"]], r["shown"]) for r in drawn] + [(a, b, name) for a, b, _, _, name in similar]
+    if jobs:
+        (tmp / "pairs").mkdir()
+    for a, b, name in jobs:
+        duplicates.side_by_side([local(a), local(b)], tmp / name)
+    used = {r["cached"] for r in rows if r["status"] == "ok"}   # exact copies share one cached file
+    for r in rows:
+        if r["status"] == "dropped" and r["cached"]:
+            if r["cached"] not in used:
+                local(r).unlink(missing_ok=True)
+            r["cached"] = ""
+    write_manifest(tmp / "manifest.csv", rows)
+    return rows, similar, n_similar
+
+
 def write_manifest(path, rows):
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, FIELDS)
         w.writeheader()
         w.writerows({k: r[k] for k in FIELDS} for r in rows)
 
 
-def report(rows, source):
-    """The cleaning report a person reads: counts, every set-aside file with its reason, every note."""
+def report(rows, source, similar=(), n_similar=0, note=""):
+    """The cleaning report a person reads: counts, every set-aside file with its reason and the picture it
+    matched, the similar pairs that were kept, every note."""
     kept = [r for r in rows if r["status"] == "ok"]
     labels = sorted({r["label"] for r in rows})
     counts = Counter((r["split"], r["label"]) for r in kept)
-    lines = [f"# Data report for `{source}`", "",
+    splits = ["train", "holdout", "val"] + (["test"] if any(r["split"] == "test" for r in kept) else [])
+    lines = [f"# Data report for `{source}`", "", note, "",
              f"{len(rows)} files: {len(kept)} kept, {len(rows) - len(kept)} set aside.", "",
              "| split | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for split in ("train", "holdout", "val"):
+    for split in splits:
         lines.append(f"| {split} | " + " | ".join(str(counts[(split, c)]) for c in labels) + " |")
     aside = [r for r in rows if r["status"] == "dropped"]
-    lines += ["", f"## Set aside ({len(aside)})", ""] + (["| file | rule | reason |", "|---|---|---|"]
-                                                         if aside else ["None."])
-    lines += [f"| `{r['path']}` | {r['rule']} | {r['reason']} |" for r in aside]
+    lines += ["", f"## Set aside ({len(aside)})", ""] + (["| file | rule | reason | beside what it matched |",
+                                                          "|---|---|---|---|"] if aside else ["None."])
+    lines += [f"| `{r['path']}` | {r['rule']} | {r['reason']} | {_picture(r.get('shown'))} |" for r in aside]
+    lines += ["", f"## Similar, not confirmed ({n_similar})", "",
+              f"pHash candidates whose pixels differ, so both are kept; the {len(similar)} closest, with the "
+              "pixel difference (0-255; confirmed at or under prepare.near_max_difference).", ""]
+    lines += ["| file | file | pHash distance | difference | pair |", "|---|---|---|---|---|"] if similar else ["None."]
+    lines += [f"| `{a['path']}` | `{b['path']}` | {dist} | {d:.1f} | {_picture(name)} |"
+              for a, b, dist, d, name in similar]
     noted = [r for r in kept if r["reason"]]
     lines += ["", f"## Kept with a note ({len(noted)})", ""] + (["| file | rule | note |", "|---|---|---|"]
                                                                 if noted else ["None."])
     lines += [f"| `{r['path']}` | {r['rule'] or '-'} | {r['reason']} |" for r in noted]
     return "\n".join(lines) + "\n"
+
+
+def _picture(name):
+    return f"![pair]({name})" if name else ""
 
 
 def read_manifest(path, splits=None):

@@ -1,12 +1,14 @@
 """Every dirty-data case, generated, with the exact decision `prepare` must take for it."""
+import io
+import re
 import struct
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
-from stages import prepare, presets
+from stages import duplicates, prepare, presets
 from stages.config import UserError
 from tests.conftest import ROOT, make_image
 
@@ -146,3 +148,98 @@ def test_rules_can_keep_or_fail(tmp_path, dirty):
         prepare.Params(source="x", rules={"unreadable": "keep"})
     with pytest.raises(UserError, match="unknown rule 'duplicates'"):
         prepare.Params(source="x", rules={"duplicates": "drop"})
+
+
+def photo_like(rng, size=(160, 120)):
+    """Smooth colour fields, a few sharp shapes and grain: a stand-in for a photo."""
+    im = Image.fromarray(rng.integers(0, 255, (4, 5, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(im)
+    for _ in range(rng.integers(3, 7)):
+        x, y, r = rng.integers(0, size[0]), rng.integers(0, size[1]), rng.integers(size[0] // 12, size[0] // 4)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([x - r, y - r // 2, x + r, y + r // 2], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    px = np.asarray(im.filter(ImageFilter.GaussianBlur(1)), dtype=np.int16) + rng.integers(-8, 8, (*size[::-1], 3))
+    return Image.fromarray(np.clip(px, 0, 255).astype(np.uint8))
+
+
+def plain_scenes(rng, n, side=100):
+    """`n` different photos of one white wall in one light: each has two small objects or texture patches
+    (10-20 % of the side) in its own pair of cells of a 5 x 5 grid, so no two differ only by a light crop."""
+    wall = np.array([245.0, 245, 240]) - 10 * (np.arange(side) / side)[:, None, None]     # soft gradient
+    cells = [(a, b) for a in range(25) for b in range(a + 1, 25)]
+    out = []
+    for k in rng.permutation(len(cells))[:n]:
+        im = Image.fromarray(np.clip(wall + rng.normal(0, 2, (side, side, 3)), 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(im)
+        for cell in cells[k]:
+            s = int(rng.integers(side // 10, side // 5))
+            x, y = (cell % 5) * side // 5 + (side // 5 - s) // 2, (cell // 5) * side // 5 + (side // 5 - s) // 2
+            colour, kind = tuple(int(v) for v in rng.integers(0, 200, 3)), rng.integers(3)
+            if kind == 0:
+                draw.ellipse([x, y, x + s, y + s], fill=colour)
+            elif kind == 1:
+                draw.rectangle([x, y, x + s, y + s // 2], fill=colour)
+            else:
+                im.paste(Image.fromarray(rng.integers(0, 255, (s, s, 3), dtype=np.uint8)), (x, y))
+        out.append(im)
+    return out
+
+
+def near_copy(im, rng, kind):
+    """The same picture re-encoded (JPEG 60-95), resized (0.5-1.5x), lightly cropped (up to 10 % of its area, cut
+    from random edges), or all three."""
+    if kind in ("crop", "all"):
+        fx = rng.uniform(0, 0.1)
+        fy = rng.uniform(0, 1 - 0.9 / (1 - fx))                  # (1 - fx)(1 - fy) >= 0.9 of the area kept
+        lx, ty = rng.uniform(0, fx), rng.uniform(0, fy)
+        w, h = im.size
+        im = im.crop((round(lx * w), round(ty * h), round(w - (fx - lx) * w), round(h - (fy - ty) * h)))
+    if kind in ("resize", "all"):
+        s = rng.uniform(0.5, 1.5)
+        im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=int(rng.integers(60, 96)))
+    return Image.open(buf)
+
+
+def test_near_duplicates_are_confirmed_and_plain_scenes_are_not(tmp_path):
+    """Tuning data for prepare.near_max_difference (16): the same photo re-encoded, resized, cropped must be caught
+    (>= 95 %), different photos of one white wall (pHash joins many of them) must all be kept."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    kinds = ("jpeg", "resize", "crop", "all")
+    for i in range(40):
+        d = src / ("photos a", "photos b")[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        im = photo_like(rng)
+        im.save(d / f"{i:02d}.png")
+        near_copy(im, rng, kinds[i % 4]).save(d / f"{i:02d}-{kinds[i % 4]}.jpg")
+    for i, im in enumerate(plain_scenes(rng, 80)):     # two labels: a false match would be a "conflict"
+        d = src / ("wall a", "wall b")[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        im.save(d / f"{i:02d}.png")
+    rows = prepare.run(src, tmp_path / "out", prepare.Params(source=str(src)))
+    rows = {r["path"].split("src/", 1)[1]: r for r in rows}
+    pairs = [[rows[f"{('photos a', 'photos b')[i % 2]}/{i:02d}{end}"] for end in (".png", f"-{kinds[i % 4]}.jpg")]
+             for i in range(40)]
+    caught = sum(sorted(r["status"] for r in pair) == ["dropped", "ok"] for pair in pairs)
+    assert caught >= 38, f"{caught} of 40 near copies caught"          # >= 95 %
+    assert all(r["rule"] == "near_duplicate" for pair in pairs for r in pair if r["status"] == "dropped")
+    walls = [r for k, r in rows.items() if k.startswith("wall")]
+    assert all(r["status"] == "ok" for r in walls), [(r["path"], r["reason"]) for r in walls if r["rule"]]
+    report = (tmp_path / "out" / "report.md").read_text()
+    similar = int(re.search(r"## Similar, not confirmed \((\d+)\)", report).group(1))
+    assert similar >= 5                                 # the trap is real: pHash did join walls
+    shown = re.findall(r"!\[pair\]\((pairs/[^)]+)\)", report)
+    assert len(shown) == caught + min(similar, prepare.MAX_SIMILAR)
+    assert all((tmp_path / "out" / s).is_file() for s in shown)
+
+
+def test_difference_separates_copies_from_other_pictures():
+    rng = np.random.default_rng(1)
+    a = photo_like(rng)
+    same = [duplicates.difference(*(np.asarray(im.convert("RGB").resize((64, 64), Image.Resampling.BOX))
+                                    for im in (a, near_copy(a, rng, kind)))) for kind in ("jpeg", "crop", "all")]
+    other = duplicates.difference(*(np.asarray(im.resize((64, 64), Image.Resampling.BOX))
+                                    for im in plain_scenes(rng, 2)))
+    assert max(same) < 16 < other, (same, other)

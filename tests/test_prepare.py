@@ -1,5 +1,10 @@
 import csv
+import fcntl
+import os
+import shutil
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +60,109 @@ def test_missing_source_and_empty_class_are_clear_errors(tmp_path, folder):
     with pytest.raises(UserError, match="class folder .*green' is empty"):
         prepare.run(folder, tmp_path / "out", prepare.Params(source=str(folder)))
     assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+def kept_rows_have_their_cached_copy(rows):
+    kept = [r for r in rows if r["status"] == "ok"]
+    return kept and all(Path(r["cached"]).is_file() for r in kept)
+
+
+def test_exact_copies_within_and_across_splits_go_through_to_a_model(tmp_path, split_folder):
+    from stages import train
+    from tests.conftest import TINY
+    shutil.copy(split_folder / "train/red/0.jpg", split_folder / "train/red/copy.jpg")      # within a split
+    shutil.copy(split_folder / "val/blue/0.jpg", split_folder / "train/blue/leak.jpg")      # across splits
+    rows = prepare.run(split_folder, tmp_path / "prepare", prepare.Params(source=str(split_folder)))
+    rule = {r["path"].split("split/", 1)[1]: r["rule"] for r in rows if r["status"] == "dropped"}
+    assert rule == {"train/red/copy.jpg": "duplicate", "train/blue/leak.jpg": "leakage"}
+    assert kept_rows_have_their_cached_copy(rows)        # the kept copies share the dropped ones' cached file
+    train.run(tmp_path / "prepare" / "manifest.csv", tmp_path / "train", train.Params(**TINY))
+    assert (tmp_path / "train" / "model.pt").is_file()
+
+
+def test_unreadable_files_and_bad_names_are_set_aside(tmp_path, folder, monkeypatch):
+    (folder / "red" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")                   # a dangling link
+    locked = make_image(folder / "blue" / "locked.png", (40, 40, 200))
+    bad = Path(os.fsdecode(bytes(folder / "red") + b"/bad\xff.png"))                      # not valid UTF-8
+    make_image(bad, (200, 40, 40))
+    real_open = open
+
+    def no_permission(path, *a, **k):   # root reads every file: PermissionError is simulated for one
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(prepare, "open", no_permission, raising=False)
+    rows = prepare.run(folder, tmp_path / "out", prepare.Params(source=str(folder)))
+    aside = {r["path"].rsplit("/", 1)[1]: (r["rule"], r["reason"]) for r in rows if r["status"] == "dropped"}
+    assert aside == {"gone.jpg": ("unreadable", "cannot be read: No such file or directory"),
+                     "locked.png": ("unreadable", "cannot be read: Permission denied"),
+                     "bad\\xff.png": ("bad_name", "file name is not valid UTF-8 (shown with \\x escapes): "
+                                                  "rename it")}
+    manifest = (tmp_path / "out" / "manifest.csv").read_text(encoding="utf-8")
+    assert "bad\\xff.png" in manifest and "bad\\xff.png" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(UserError, match="prepare.rules.bad_name: 'keep' is not one of drop, fail"):
+        prepare.Params(source="x", rules={"bad_name": "keep"})
+
+
+def test_a_killed_runs_temporary_folders_are_removed_next_time(tmp_path, folder):
+    out = tmp_path / "outputs" / "prepare"
+    stale, live, other = (tmp_path / "outputs" / n for n in (".prepare.k1ll3d", ".prepare.l1ve", ".train.x"))
+    for d in (stale, live, other):
+        (d / "images").mkdir(parents=True)
+        os.utime(d, (time.time() - 60, time.time() - 60))
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)                      # what a prepare still running holds
+    try:
+        prepare.run(folder, out, prepare.Params(source=str(folder)))
+    finally:
+        os.close(fd)
+    assert not stale.exists() and live.exists() and other.exists() and (out / "manifest.csv").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == [".prepare.l1ve", ".train.x", "prepare"]
+
+
+def layout_of(tmp_path, folders, n=6):
+    root = tmp_path / "src"
+    for k, f in enumerate(folders):
+        for c, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
+            for i in range(n):
+                make_image(root / f / c / f"{i}.png", colour, seed=1000 * k + 100 * (c == "red") + i)
+    return root
+
+
+@pytest.mark.parametrize("folders, from_folder", [
+    (("train", "valid", "test"), {"train": {"train", "holdout"}, "valid": {"val"}, "test": {"test"}}),
+    (("validation", "test"), {"validation": {"train", "holdout", "val"}, "test": {"test"}}),
+    (("train", "test"), {"train": {"train", "holdout", "val"}, "test": {"test"}}),
+])
+def test_split_folders_users_bring(tmp_path, folders, from_folder):
+    root = layout_of(tmp_path, folders)
+    rows = prepare.run(root, tmp_path / "out", prepare.Params(source=str(root)))
+    got = {}
+    for r in rows:
+        got.setdefault(r["path"].split("src/", 1)[1].split("/")[0], set()).add(r["split"])
+    assert got == from_folder
+    assert {r["label"] for r in rows} == {"red", "blue"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| test | 6 | 6 |" in report and "kept apart" in report
+    train_rows, _ = prepare.read_manifest(tmp_path / "out" / "manifest.csv", {"train", "holdout"})
+    assert train_rows and not any("/test/" in r["path"] for r in train_rows)
+
+
+@pytest.mark.parametrize("folders, message", [
+    (("train", "val", "extra/ants"), r"class folder '.*train/blue' holds folders"),
+    (("train", "red_herring"), r"mixes split folders \(train\) with other folders \(red_herring\)"),
+    (("val", "validation"), r"two folders for split val \(val and validation\)"),
+    (("test",), r"has only a test folder"),
+])
+def test_layouts_that_are_refused_say_what_was_found(tmp_path, folders, message):
+    root = tmp_path / "src"
+    for f in folders:
+        if f == "extra/ants":
+            make_image(root / "train" / "blue" / "nested" / "0.png", (40, 40, 200))
+            continue
+        for c in ("red", "blue"):
+            make_image(root / f / c / "0.png", (200, 40, 40))
+    with pytest.raises(UserError, match=message) as e:
+        prepare.run(root, tmp_path / "out", prepare.Params(source=str(root)))
+    if "holds folders" in message or "mixes" in message:
+        assert "accepted layouts: <class>/<image>, or <split>/<class>/<image>" in str(e.value)
