@@ -4,6 +4,8 @@ Only `ok` rows are checked (dropped ones already carry their reason). Two tables
 (one row per usable file) and `classes` (one row per class: ok images per split and the train imbalance).
 GX's result goes to `<out>/result.json`, its HTML data docs to `<out>/docs/`, a small summary to
 `<out>/summary.json` (deterministic, so `train` can depend on it without re-running on every validation).
+`result.json` is stripped of GX's run ids and times: the same manifest and params give the same bytes.
+Every failure names the params (or the data) that change its outcome.
 """
 import argparse
 import dataclasses
@@ -14,8 +16,9 @@ import pandas as pd
 
 from stages.config import UserError, atomic_dir, atomic_text, cli, load_section
 
-SPLITS = ("train", "holdout", "val")
-COLUMNS = ("path", "label", "split", "width", "height", "mode", "sha256", "phash", "status")
+SPLITS = ("train", "holdout", "val")     # counted per class; a `test` split may be there too, read by no stage
+COLUMNS = ("path", "label", "split", "width", "height", "mode", "sha256", "phash", "picture", "status")
+VOLATILE = {"id", "validation_id", "checkpoint_id", "run_id", "validation_time", "ge_load_time"}
 MODES = ("RGB", "L", "P", "RGBA", "LA", "PA", "CMYK", "I;16", "I", "1", "YCbCr")
 # Which rows a failure names, per table: a file for `images`, a class for `classes`.
 ROW_IDS = {"images": "path", "classes": "label"}
@@ -56,7 +59,8 @@ def load_tables(manifest, classes=()):
     except ValueError as e:
         raise UserError(f"manifest '{manifest}': width/height are not all integers ({e})") from None
     images = rows[rows["status"] == "ok"].reset_index(drop=True)
-    for column in ("sha256", "phash"):   # splits holding the same content: 2 or more is leakage
+    # Splits holding the same file, or the same picture as prepare confirmed it: 2 or more is leakage.
+    for column in ("sha256", "picture"):
         images[f"{column}_splits"] = images.groupby(column)["split"].transform("nunique")
     # Expected classes, or every class named (one whose every file was dropped counts 0). A stray class is
     # the label check's to report: counting it too would only repeat that failure.
@@ -75,16 +79,16 @@ def expectations(p):
     side = dict(min_value=p.min_side, max_value=p.max_side)
     images = [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=[*SPLITS, "test"]),
         gxe.ExpectColumnValuesToBeBetween(column="width", **side),
         gxe.ExpectColumnValuesToBeBetween(column="height", **side),
         gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=list(p.modes)),
         gxe.ExpectColumnValuesToMatchRegex(column="sha256", regex=r"^[0-9a-f]{64}$"),
         gxe.ExpectColumnValuesToMatchRegex(column="phash", regex=r"^[0-9a-f]{16}$"),
         # The same file, or the same picture re-encoded, in two splits leaks; within one split, duplicates
-        # are prepare's rules' call (a user may keep them).
+        # are prepare's rules' call (a user may keep them). A pHash match alone is not the same picture.
         gxe.ExpectColumnValuesToBeBetween(column="sha256_splits", max_value=1),
-        gxe.ExpectColumnValuesToBeBetween(column="phash_splits", max_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="picture_splits", max_value=1),
     ]
     if p.classes:
         images.insert(1, gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(p.classes)))
@@ -126,23 +130,65 @@ def check(tables, suites, docs_dir):
     return results
 
 
-def describe(name, r):
-    """One failed expectation: `table.column type (bounds): observed value` or the rows it names."""
+def describe(name, r, fixes):
+    """One failed expectation: `table.column type (bounds): observed value` or the rows it names, and its fix."""
     cfg, res = r.expectation_config, r.result or {}
     column = cfg.kwargs.get("column")
     bounds = [f"{op} {cfg.kwargs[k]:g}" for op, k in ((">=", "min_value"), ("<=", "max_value"))
               if cfg.kwargs.get(k) is not None]
     where = f"{name}.{column or 'rows'} {cfg.type}" + (f" ({', '.join(bounds)})" if bounds else "")
+    fix = f" (fix: {fixes[(name, column)]})" if (name, column) in fixes else ""
     if (r.exception_info or {}).get("raised_exception"):
-        return f"{where}: raised {r.exception_info.get('exception_message')}"
+        return f"{where}: raised {r.exception_info.get('exception_message')}{fix}"
     if "unexpected_count" not in res:
-        return f"{where}: observed {res.get('observed_value')}"
+        return f"{where}: observed {res.get('observed_value')}{fix}"
     shown = []
     for row in res.get("partial_unexpected_index_list", [])[:3]:
         value = str(row.get(column))
         shown.append(f"{row.get(ROW_IDS[name])}={value[:12] + '...' if len(value) > 16 else value}")
     more = ", ..." if res["unexpected_count"] > len(shown) else ""
-    return f"{where}: {res['unexpected_count']} unexpected, {', '.join(shown)}{more}"
+    return f"{where}: {res['unexpected_count']} unexpected, {', '.join(shown)}{more}{fix}"
+
+
+def fixes(counts, p):
+    """(table, column) -> what changes the outcome of that expectation, in the params or the data."""
+    train = counts.set_index("label")["train"]
+    big, small = (train.idxmax(), train.idxmin()) if len(train) else ("-", "-")
+    few = "add images to those classes, or lower validate.min_per_class"
+    return {
+        ("images", None): "no usable image: prepare's report.md says why each file was set aside",
+        ("images", "label"): "add the class to validate.classes (or set it to [] to accept the classes found), "
+                             "or remove its folder",
+        ("images", "split"): "re-run prepare: its manifest has only train, holdout, val and test",
+        ("images", "width"): f"change validate.min_side/max_side ({p.min_side}-{p.max_side} px), or let "
+                             "prepare.min_side set small images aside",
+        ("images", "height"): f"change validate.min_side/max_side ({p.min_side}-{p.max_side} px), or let "
+                              "prepare.min_side set small images aside",
+        ("images", "mode"): "add the mode to validate.modes (prepare converts every mode to RGB)",
+        ("images", "sha256"): "the manifest is damaged: re-run prepare",
+        ("images", "phash"): "the manifest is damaged: re-run prepare",
+        ("images", "sha256_splits"): "the same file in two splits: set prepare.rules.leakage to drop "
+                                     "(the val or test copy stays)",
+        ("images", "picture_splits"): "the same picture in two splits: set prepare.rules.leakage to drop "
+                                      "(the val or test copy stays)",
+        ("classes", None): "at least 2 classes are needed: add a class folder",
+        ("classes", "train"): f"{few} ({p.min_per_class}), or lower prepare.holdout_fraction",
+        ("classes", "holdout"): "add train images to those classes, or raise prepare.holdout_fraction",
+        ("classes", "val"): f"{few} ({p.min_per_class}), or raise prepare.val_fraction where prepare carves val",
+        ("classes", "train_ratio"): f"largest class '{big}' has {train.get(big, 0)} train images, smallest "
+                                    f"'{small}' {train.get(small, 0)}: raise validate.max_imbalance "
+                                    f"({p.max_imbalance:g}), set train.balance to sampler or loss so training "
+                                    f"counters it, or add images to '{small}'",
+    }
+
+
+def stable(result):
+    """GX's result without its run ids and times (VOLATILE keys), so that the same inputs give the same bytes."""
+    if isinstance(result, dict):
+        return {k: stable(v) for k, v in result.items() if k not in VOLATILE}
+    if isinstance(result, list):
+        return [stable(v) for v in result]
+    return result
 
 
 def run(manifest, out_dir, p):
@@ -151,11 +197,15 @@ def run(manifest, out_dir, p):
     images, counts = load_tables(manifest, p.classes)
     with atomic_dir(out_dir / "docs") as docs:
         results = check({"images": images, "classes": counts}, expectations(p), docs)
-    report = {name: r.to_json_dict() for name, r in results.items()}
-    failed = [describe(name, r) for name, res in results.items() for r in res.results if not r.success]
+    report = {name: stable(r.to_json_dict()) for name, r in results.items()}
+    hints = fixes(counts, p)
+    failed = [describe(name, r, hints) for name, res in results.items() for r in res.results if not r.success]
     n = sum(len(res.results) for res in results.values())
     summary = {"success": not failed, "expectations": n, "passed": n - len(failed), "failed": failed,
                "counts": {s: dict(zip(counts["label"], counts[s].tolist())) for s in SPLITS}}
+    test = images[images["split"] == "test"]
+    if len(test):
+        summary["counts"]["test"] = {label: int((test["label"] == label).sum()) for label in counts["label"]}
     atomic_text(out_dir / "result.json", json.dumps(
         {"success": summary["success"], "statistics": {k: summary[k] for k in ("expectations", "passed")},
          "results": report}, indent=1))

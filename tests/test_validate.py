@@ -25,13 +25,13 @@ def rows(per_split=None, classes=("ants", "bees")):
         for label in classes:
             for k in range(n):
                 i = len(out) + 1
+                sha = hashlib.sha256(str(i).encode()).hexdigest()
                 out.append(dict(path=f"data/{split}/{label}/{k}.jpg", label=label, split=split, width=320,
-                                height=240, mode="RGB", format="JPEG", bytes=9000,
-                                sha256=hashlib.sha256(str(i).encode()).hexdigest(), phash=f"{i:016x}",
-                                status="ok", rule="", reason="", cached=f"cache/{i}.png"))
+                                height=240, mode="RGB", format="JPEG", bytes=9000, sha256=sha, phash=f"{i:016x}",
+                                status="ok", rule="", reason="", cached=f"cache/{i}.png", picture=sha))
     out.append(dict(path="data/train/ants/broken.jpg", label="ants", split="none", width=0, height=0, mode="",
                     format="", bytes=12, sha256=hashlib.sha256(b"x").hexdigest(), phash="", status="dropped",
-                    rule="decode", reason="does not decode: UnidentifiedImageError", cached=""))
+                    rule="decode", reason="does not decode: UnidentifiedImageError", cached="", picture=""))
     return out
 
 
@@ -102,9 +102,9 @@ CASES = {
     "sha256 shared by train and val": (lambda: changed(0, sha256=rows()[20]["sha256"]),
                                        "expect_column_values_to_be_between", "images.sha256_splits",
                                        ("sha256_splits", "less than or equal to 1")),
-    "phash shared by train and val": (lambda: changed(3, phash=rows()[21]["phash"]),
-                                      "expect_column_values_to_be_between", "images.phash_splits",
-                                      ("phash_splits", "less than or equal to 1")),
+    "picture shared by train and val": (lambda: changed(3, picture=rows()[21]["picture"]),
+                                        "expect_column_values_to_be_between", "images.picture_splits",
+                                        ("picture_splits", "less than or equal to 1")),
     "width under min_side": (lambda: changed(1, width=10), "expect_column_values_to_be_between",
                              "images.width", ("width", "greater than or equal to 32")),
 }
@@ -162,3 +162,34 @@ def test_duplicates_kept_within_one_split_pass(tmp_path):
     """prepare.rules may keep duplicates; only the same content in two splits breaks the contract."""
     data = changed(0, sha256=rows()[1]["sha256"], phash=rows()[1]["phash"])      # both in train
     assert validate.run(write(tmp_path, data), tmp_path / "v", PARAMS)["success"] is True
+
+
+def test_every_failure_names_its_fix(tmp_path):
+    """Each expectation of the contract has a fix in its message; the imbalance one names classes and counts."""
+    fixes = validate.fixes(pd.DataFrame({"label": ["ants", "bees"], "train": [9, 2]}), PARAMS)
+    suites = validate.expectations(PARAMS)
+    named = {(t, e.column if hasattr(e, "column") else None) for t, es in suites.items() for e in es}
+    assert named <= set(fixes), named - set(fixes)
+    with pytest.raises(UserError) as e:
+        validate.run(write(tmp_path, fewer("train", "bees", 2, {"train": 9, "holdout": 2, "val": 4})),
+                     tmp_path / "v", PARAMS)
+    assert ("largest class 'ants' has 9 train images, smallest 'bees' 2: raise validate.max_imbalance (3), "
+            "set train.balance to sampler or loss") in str(e.value)
+    with pytest.raises(UserError, match=r"images.label .*fix: add the class to validate.classes"):
+        validate.run(write(tmp_path, changed(0, label="wasps")), tmp_path / "w", PARAMS)
+
+
+def test_the_same_inputs_give_the_same_bytes(tmp_path):
+    m = write(tmp_path, rows())
+    for d in ("a", "b"):
+        validate.run(m, tmp_path / d, PARAMS)
+    for name in ("result.json", "summary.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert "validation_time" not in (tmp_path / "a" / "result.json").read_text()
+
+
+def test_a_test_split_is_counted_and_a_phash_match_alone_is_no_leakage(tmp_path):
+    data = rows({"train": 6, "holdout": 2, "val": 4, "test": 3})
+    data[0]["phash"] = data[20]["phash"]              # a pHash match prepare did not confirm: two pictures
+    s = validate.run(write(tmp_path, data), tmp_path / "v", PARAMS)
+    assert s["success"] and s["counts"]["test"] == {"ants": 3, "bees": 3}
