@@ -43,6 +43,9 @@ from stages.prepare import read_manifest  # noqa: E402
 from stages.train import load_model, loader, predict  # noqa: E402
 
 BASELINE, FALLBACK = "pytorch_fp32", "onnx_fp32"
+# card facts kept out of the ONNX file's metadata: they change from run to run (timings, the git revision) or
+# come after it (its hash), and the same inputs and choice must give the same model bytes
+MEASURED = ("sha256", "git_rev", "reason", "metrics")
 SOURCES = {"onnx_int8": "onnx_fp32", "pruned_int8": "pruned_fp32"}   # INT8 variant -> the FP32 it quantizes
 
 
@@ -246,7 +249,7 @@ def write(out_dir, chosen_file, card, table, reasons, report):
     with atomic_dir(out_dir) as tmp:
         m = onnx.load(str(chosen_file))
         card["opset"] = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-        facts = {k: v if isinstance(v, str) else json.dumps(v) for k, v in card.items() if k != "sha256"}
+        facts = {k: v if isinstance(v, str) else json.dumps(v) for k, v in card.items() if k not in MEASURED}
         props = {e.key: e.value for e in m.metadata_props} | facts
         del m.metadata_props[:]
         for k, v in props.items():

@@ -85,6 +85,10 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     assert meta["variant"] == "onnx_fp32" and json.loads(meta["classes"]) == card["classes"] == ["blue", "red"]
     assert json.loads(meta["params"])["deploy"]["budget"]["min_speedup"] == 1000.0 and meta["opset"] == "17"
     assert export.metadata(runtime.session(out / "model.onnx"))[0] == ["blue", "red"]   # what the server reads
+    assert not {"git_rev", "metrics", "reason", "sha256"} & set(meta)       # run-to-run facts stay in the card
+    for d, facts in (("w1", {}), ("w2", {"git_rev": "f" * 40, "reason": "chosen, 9.9x", "metrics": {"x": 1}})):
+        deploy.write(tmp_path / d, onnx_path, {**card, **facts}, variants, report["reasons"], report)
+    assert (tmp_path / "w1/model.onnx").read_bytes() == (tmp_path / "w2/model.onnx").read_bytes()
 
     names = ["pytorch_fp32", "onnx_fp32", "onnx_int8", "pruned_fp32", "pruned_int8"]
     assert json.loads((out / "variants.json").read_text()) == variants and sorted(variants) == sorted(names)
