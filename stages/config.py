@@ -2,12 +2,14 @@
 import contextlib
 import dataclasses
 import difflib
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import sys
 import tempfile
+import time
 import typing
 from pathlib import Path
 
@@ -122,12 +124,39 @@ def sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _locked(path):
+    """An open, exclusively locked descriptor of `path`: while it is open, `clean_stale` leaves `path` alone."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def clean_stale(path, min_age_s=10):
+    """Remove the temporary siblings (`.<name>.*`) that killed runs left behind: only those no live run holds
+    locked (every atomic write locks its own) and untouched for `min_age_s` (one just made is not locked yet)."""
+    path = Path(path)
+    for old in sorted(path.parent.glob(f".{path.name}.*")):
+        if old.is_symlink() or time.time() - old.stat().st_mtime < min_age_s:
+            continue
+        fd = os.open(old, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue                            # a run still writing it
+        else:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
 def atomic_write(path, write):
     """Call `write(tmp_path)`, then move the result onto `path`: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
+    lock = _locked(tmp)
     os.chmod(tmp, 0o644)                     # mkstemp makes 0600; outputs are for everyone to read
     try:
         write(Path(tmp))
@@ -135,6 +164,8 @@ def atomic_write(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(lock)
 
 
 @contextlib.contextmanager
@@ -142,7 +173,9 @@ def atomic_dir(path):
     """Build a folder in a temporary sibling, then swap it in whole: never half a stage's output."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    lock = _locked(tmp)
     tmp.chmod(0o755)
     try:
         yield tmp
@@ -153,6 +186,7 @@ def atomic_dir(path):
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     finally:
+        os.close(lock)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

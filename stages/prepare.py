@@ -10,12 +10,9 @@ is changed. Kept images are also written as small RGB copies that training decod
 import argparse
 import csv
 import dataclasses
-import fcntl
 import hashlib
 import os
 import random
-import shutil
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -298,23 +295,6 @@ def save_copy(rgb, cache_dir, sha, side):
     return path
 
 
-def clean_stale(out_dir, min_age_s=10):
-    """Remove the temporary siblings (`.<name>.*`, from atomic_dir) that killed runs left behind: only those no
-    live run holds locked (a run locks its own) and untouched for `min_age_s` (one just made is not locked yet)."""
-    for d in sorted(out_dir.parent.glob(f".{out_dir.name}.*")):
-        if d.is_symlink() or not d.is_dir() or time.time() - d.stat().st_mtime < min_age_s:
-            continue
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue                            # a prepare still running
-        else:
-            shutil.rmtree(d, ignore_errors=True)
-        finally:
-            os.close(fd)
-
-
 def layout_note(splits, p):
     """One line for the report: which folders gave which split, and what prepare carved."""
     if list(splits.values()) == [None]:
@@ -332,18 +312,12 @@ def layout_note(splits, p):
 def run(source, out_dir, p):
     """Scan, clean and split `source`; write manifest.csv, report.md, images/ and pairs/ into `out_dir`."""
     out_dir = Path(out_dir)
-    clean_stale(out_dir)
     note = layout_note(layout(source), p)
     files = scan(source)
     rows = []
     with atomic_dir(out_dir) as tmp:
-        lock = os.open(tmp, os.O_RDONLY)        # held until this run ends: clean_stale leaves it alone
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            rows, similar, n_similar = _prepare(files, tmp, out_dir, p)
-            (tmp / "report.md").write_text(report(rows, source, similar, n_similar, note), encoding="utf-8")
-        finally:
-            os.close(lock)
+        rows, similar, n_similar = _prepare(files, tmp, out_dir, p)
+        (tmp / "report.md").write_text(report(rows, source, similar, n_similar, note), encoding="utf-8")
     return rows
 
 

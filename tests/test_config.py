@@ -118,3 +118,20 @@ def test_dvc_exp_run_set_param_leaves_a_valid_params_yaml(tmp_path):
     before["train"]["strategy"], before["deploy"]["budget"]["min_speedup"] = "linear_probe", 1.2
     assert after == before
     assert "linear_probe" in sh(tmp_path, "dvc", "exp", "show", "--csv").stdout
+
+
+def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path):
+    import fcntl
+    import os
+    import time
+    stale, live = tmp_path / ".model.pt.k1ll3d.pt", tmp_path / ".model.pt.l1ve.pt"
+    for f in (stale, live):
+        f.write_bytes(b"half a checkpoint")
+        os.utime(f, (time.time() - 60, time.time() - 60))
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)                      # another run still writing it
+    try:
+        atomic_text(tmp_path / "model.pt", "x")
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.pt.l1ve.pt", "model.pt"]
