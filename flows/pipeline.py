@@ -7,11 +7,12 @@ finds up to date ends as a `Cached` task without running, and one that is not ru
 import dataclasses
 import json
 import subprocess
+import sys
 import urllib.request
 
 import networkx as nx
 from prefect import flow, get_run_logger, task
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
 from stages.config import load_section, stage_device
 
@@ -72,8 +73,9 @@ def run_stage(stage, repo="."):
     for line in (r.stdout + r.stderr).splitlines():
         if line.strip() and "%|" not in line:       # progress bars stay out of Prefect's log
             log.info(line)
-    if r.returncode:
-        raise StageFailed(stage, r.stdout + r.stderr)
+    if r.returncode:    # a Failed state, not a raise: Prefect would log its own traceback over the stage's error
+        e = StageFailed(stage, r.stdout + r.stderr)
+        return Failed(message=str(e), data=e)
     return f"{stage} reproduced"
 
 
@@ -91,11 +93,23 @@ def notify(flow, flow_run, state):
 
 @flow(name="transfer-pipeline", on_failure=[notify])
 def pipeline(repo="."):
-    """Every DVC stage in order; the first failure (the data gate, say) stops the ones after it."""
+    """Every DVC stage in order; the first failure (the data gate, say) stops the ones after it.
+
+    A failed stage fails the flow with the stage's own message as a state, not as a re-raised exception:
+    the stage's output is in the log already, and a traceback of Prefect's engine would only bury it."""
     p = load_section(Params, "orchestrate", f"{repo}/params.yaml")
     stage = run_stage.with_options(retries=p.retries, retry_delay_seconds=p.retry_delay_seconds)
-    return {name: stage(name, repo) for name in stage_order(repo)}
+    done = {}
+    for name in stage_order(repo):
+        state = stage(name, repo, return_state=True)
+        if state.is_failed():
+            return Failed(message=state.message)
+        done[name] = state.message
+    return done
 
 
 if __name__ == "__main__":
-    pipeline()
+    final = pipeline(return_state=True)
+    if not final.is_completed():
+        print(f"error: the flow ended {final.name}: {final.message}", file=sys.stderr)
+        sys.exit(1)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from flows.pipeline import stage_order
-from tests.conftest import ROOT, sh
+from tests.conftest import ROOT, set_params, sh
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +90,19 @@ def test_failing_data_stops_the_flow_before_train(clone, server):
     assert "train" not in states                              # never started
     assert "no orchestrate.webhook set to notify" in r.stdout + r.stderr
     assert (clone / "outputs/train/model.pt").read_bytes() == model
+    assert "Traceback" not in r.stdout + r.stderr                 # the stage's one-line error, not the engine's
+    assert "error: the flow ended Failed: stage 'validate' failed" in r.stderr
+
+
+def test_a_bad_param_fails_its_stage_once_not_once_per_retry(clone, server):
+    set_params(clone, orchestrate={"retries": 2, "retry_delay_seconds": 0}, export={"batch_size": "32"})
+    r = run_flow(clone, server)
+    assert r.returncode != 0 and "export.batch_size must be an integer, not the string '32'" in r.stdout + r.stderr
+    run = last_flow_run(server)
+    runs = {t["name"]: t for t in api(server, "POST", "/task_runs/filter",
+                                      json={"flow_runs": {"id": {"any_": [run["id"]]}}})}
+    assert runs["export"]["state"]["name"] == "Failed" and runs["export"]["run_count"] == 1
+    assert runs["train"]["state"]["name"] == "Cached" and "evaluate" not in runs
 
 
 def test_scheduled_deployment_runs(clone, server):
