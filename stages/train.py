@@ -41,7 +41,7 @@ class Params:
     dropout: float = 0.2
     label_smoothing: float = 0.1
     weight_decay: float = 1e-4
-    lp_cs: tuple = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)   # probe's inverse L2 strengths
+    lp_cs: tuple = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)   # probe: inverse L2 strengths
     lp_folds: int = 5                  # cross-validation folds over train + holdout that choose among lp_cs
     lp_views: int = 1                  # cached views per train image: 1 plain + augmented ones
     ft_epochs: int = 3
