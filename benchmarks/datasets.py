@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from stages import backbones, presets, prepare, train
-from stages.config import atomic_text, cli, load_section
+from stages.config import UserError, atomic_text, cli, load_section
 from stages.evaluate import baseline_logits, scores
 from stages.prepare import read_manifest
 
@@ -97,6 +97,9 @@ def table(rows, machine):
 
 
 def run(datasets, out, tp, pp_params):
+    if not Path(datasets).is_dir():
+        raise UserError(f"no data sets folder '{datasets}' (--datasets): run from the project root beside "
+                        "../shared, or name the folder")
     sources = sorted(d for d in Path(datasets).iterdir() if d.is_dir())
     rows, machine = [], cpu()
     with tempfile.TemporaryDirectory() as work:
