@@ -49,4 +49,5 @@ predict-folder: $(STAMP)
 # Benchmarks against the classic recipe and the alternatives (36 min on 2 quiet cores, 2026-11-28):
 # benchmarks/RESULTS.md. `python -m benchmarks.run --quick --out /tmp/bench` checks the harness in minutes.
 bench: $(STAMP)
+	python -m benchmarks.datasets --out benchmarks
 	python -m benchmarks.run --out benchmarks

@@ -6,7 +6,8 @@ changes), then val accuracy of the shipped model and of the frozen-feature logis
 probe is (cross-validated on train + holdout, on the pretrained body). `validate` is not run: the point is the
 recipe, and a set outside the data contract (trashnet's imbalance) would stop there.
 
-`python -m benchmarks.datasets --out benchmarks` writes DATASETS.md and datasets.json.
+`python -m benchmarks.datasets --out benchmarks` writes DATASETS.md and datasets.json, and the table into
+RESULTS.md (`make bench` runs it first; benchmarks.run's report then includes it).
 """
 import argparse
 import dataclasses
@@ -110,6 +111,9 @@ def run(datasets, out, tp, pp_params):
     out = Path(out)
     atomic_text(out / "datasets.json", json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     atomic_text(out / "DATASETS.md", table(rows, machine))
+    if (out / "results.json").exists():     # RESULTS.md carries the table too
+        from benchmarks import report
+        report.write(json.loads((out / "results.json").read_text()), out)
     return rows
 
 

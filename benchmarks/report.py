@@ -230,4 +230,10 @@ def write(results, out):
                 plt.close(fig)
             except Exception as e:
                 results["parts"][key]["plot_error"] = f"{type(e).__name__}: {e}"
-    (out / "RESULTS.md").write_text(markdown(results))
+    text = markdown(results)
+    across = out / "DATASETS.md"        # benchmarks.datasets' table, when it has run: the recipe on every set
+    if across.exists():
+        body = across.read_text().split("\n", 1)[1].strip()
+        text = text.replace("\n## Machine\n", f"\n## 6. Across data sets (`python -m benchmarks.datasets`)\n\n"
+                                               f"{body}\n\n## Machine\n")
+    (out / "RESULTS.md").write_text(text)

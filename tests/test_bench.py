@@ -1,5 +1,6 @@
 """The benchmark harness end to end with --quick: every part runs and is reported. No figure is asserted."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -68,3 +69,14 @@ def test_datasets_table_on_generated_sets(tmp_path):
     text = (tmp_path / "out" / "DATASETS.md").read_text()
     assert "| flat | 2 |" in text and "Mean gap" in text and datasets.cpu().split(",")[0] in text
     assert json.loads((tmp_path / "out" / "datasets.json").read_text())["rows"] == rows
+
+
+def test_results_md_carries_the_datasets_table_when_there_is_one(bench, tmp_path):
+    from benchmarks import report
+    out = tmp_path / "out"
+    shutil.copytree(bench, out)
+    (out / "DATASETS.md").write_text("# The default recipe across data sets (some CPU)\n\n| data set | x |\n")
+    report.write(json.loads((out / "results.json").read_text()), out)
+    text = (out / "RESULTS.md").read_text()
+    section = text.split("## 6. Across data sets")[1]
+    assert "| data set | x |" in section and section.index("| data set") < section.index("## Machine")
