@@ -11,7 +11,6 @@ import csv
 import dataclasses
 import math
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from stages import backbones, presets
+from stages.probe import choose_c, earned, fit_probe, set_head
 from stages.config import UserError, atomic_write, cli, load_section, stage_device
 from stages.prepare import read_manifest
 
@@ -143,59 +143,6 @@ def probe_features(model, rows, classes, p, device, views):
     return x.double().numpy(), y.numpy(), np.tile(np.arange(len(rows)), len(views))
 
 
-def fit_probe(x, y, c, balanced):
-    """Multinomial logistic regression on centred features scaled by one number (scikit-learn's lbfgs), as a
-    torch Linear's (weight, bias) on the raw features. One scale for all features, not one each: a
-    near-constant feature scaled up would get a huge weight, and fine-tuning from that head diverges."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    mu = x.mean(0)
-    sigma = float(x.std(0).mean()) + 1e-12
-    clf = LogisticRegression(C=c, max_iter=1000, class_weight="balanced" if balanced else None)
-    with warnings.catch_warnings():     # the weakest regularisation on separable features may not converge
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit((x - mu) / sigma, y)
-    w, b = clf.coef_, clf.intercept_
-    if w.shape[0] == 1:                 # binary: one row of log-odds; as two logits with the same softmax
-        w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
-    w = w / sigma
-    return torch.tensor(w, dtype=torch.float), torch.tensor(b - w @ mu, dtype=torch.float)
-
-
-def choose_c(x, y, image, p):
-    """The probe's regularisation by stratified k-fold cross-validation over whole images (a picture's
-    augmented views stay on one side; the first rows are each image's plain view, in `image` order):
-    out-of-fold accuracy, then log-loss on ties. Returns (C, report)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    plain = image[:len(np.unique(image))]           # view 0 of each image, in order
-    labels = y[:len(plain)]
-    folds = min(p.lp_folds, np.bincount(labels).min())
-    if folds < 2:
-        return 1.0, {"lp_c": 1.0, "cv_folds": 0}
-    scores = []
-    for c in p.lp_cs:
-        right, loss, per_fold = 0, 0.0, []
-        for tr, te in StratifiedKFold(folds, shuffle=True, random_state=p.seed).split(plain, labels):
-            w, b = fit_probe(x[np.isin(image, tr)], y[np.isin(image, tr)], c, p.balance != "none")
-            logits = torch.tensor(x[te], dtype=torch.float) @ w.T + b
-            hits = (logits.argmax(1).numpy() == labels[te])
-            right, per_fold = right + hits.sum(), per_fold + [hits.mean()]
-            loss += F.cross_entropy(logits, torch.tensor(labels[te]), reduction="sum").item()
-        scores.append((right / len(plain), -loss / len(plain), np.std(per_fold), c))
-    acc, neg_loss, spread, c = max(scores)
-    return c, {"lp_c": c, "cv_folds": int(folds), "cv_acc": round(float(acc), 4),
-               "cv_acc_std": round(float(spread), 4), "cv_loss": round(-neg_loss, 4)}
-
-
-def set_head(head, weight, bias):
-    linear = head[-1]
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
-
-
 def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
     """The head as a logistic regression on cached body features, its regularisation chosen by k-fold
     cross-validation on train + holdout (never by the best step on a few dozen holdout images).
@@ -219,20 +166,6 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
     print(f"train: linear probe C={c} cross-validated accuracy {cv.get('cv_acc', '-')} "
           f"(+/- {cv.get('cv_acc_std', '-')} over {cv['cv_folds']} folds), holdout {row['holdout_acc']}")
     return row, hold_logits, fit_probe(np.concatenate([x, hx]), np.concatenate([y, hy]), c, p.balance != "none")
-
-
-def earned(ft_logits, probe_logits, labels, z):
-    """Does fine-tuning beat the probe on holdout by more than `z` standard errors of the paired difference?
-
-    Both score the same holdout images, so the difference in accuracy is (b - c) / n, with b images only the
-    fine-tuned model gets right and c only the probe; its standard error is sqrt(b + c - (b - c)^2 / n) / n
-    (the paired, McNemar-style estimate). 47 holdout images and z = 2: about 4 more right, net, are needed.
-    Returns (kept: bool, the numbers)."""
-    ft, pr = ft_logits.argmax(1) == labels, probe_logits.argmax(1) == labels
-    n, b, c = len(labels), int((ft & ~pr).sum()), int((pr & ~ft).sum())
-    diff, se = (b - c) / n, math.sqrt(max(b + c - (b - c) ** 2 / n, 0)) / n
-    return diff > z * se, {"holdout_images": n, "ft_only_right": b, "probe_only_right": c,
-                           "holdout_gain": round(diff, 4), "holdout_gain_se": round(se, 4), "margin_se": z}
 
 
 def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history):

@@ -3,7 +3,7 @@ import csv
 import pytest
 import torch
 
-from stages import train
+from stages import probe, train
 from stages.prepare import read_manifest
 from tests.conftest import TINY
 
@@ -85,9 +85,9 @@ def test_earned_needs_a_gain_beyond_the_holdouts_noise():
 
     def logits(n_right):
         return torch.cat([right.repeat(n_right, 1), wrong.repeat(48 - n_right, 1)])
-    assert train.earned(logits(40), logits(40), labels, 2.0)[0] is False      # a tie keeps the probe
-    assert train.earned(logits(41), logits(40), labels, 2.0)[0] is False      # one image is noise
-    kept, numbers = train.earned(logits(45), logits(40), labels, 2.0)
+    assert probe.earned(logits(40), logits(40), labels, 2.0)[0] is False      # a tie keeps the probe
+    assert probe.earned(logits(41), logits(40), labels, 2.0)[0] is False      # one image is noise
+    kept, numbers = probe.earned(logits(45), logits(40), labels, 2.0)
     assert kept and numbers["ft_only_right"] == 5 and numbers["probe_only_right"] == 0
     assert numbers["holdout_gain"] == round(5 / 48, 4) and numbers["holdout_gain_se"] > 0
 
