@@ -1,5 +1,8 @@
 """The deploy model as the server and the folder predictor see it: a verified model card, an ONNX Runtime
 session, and untrusted image bytes turned into network input by `stages.presets` (never by code of its own).
+
+Torch-free: it imports the library's numpy/Pillow/ONNX Runtime part only (`stages.presets`, `stages.runtime`,
+`stages.config`), never a stage, so the serving image installs no torch, torchvision or timm.
 """
 import dataclasses
 import io
@@ -9,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages import export, presets, runtime
+from stages import presets, runtime
 from stages.config import UserError, sha256
 
 # Decoders reachable from the network. PIL has riskier ones (EPS runs Ghostscript); these cover cameras and web.
@@ -95,10 +98,10 @@ class Model:
             raise UserError(f"{self.card['model']} is not a model ONNX Runtime can load: {reason[:300]}") from None
         self.sess = self.infer.sess
         try:
-            self.classes, self.pp = export.metadata(self.sess)
+            self.classes, self.pp = runtime.metadata(self.sess)
         except KeyError as e:
             raise UserError(f"{self.card['model']} lacks the metadata {e} that stages.export writes") from None
-        self.transform = presets.eval_transform(self.pp)
+        self.transform = presets.eval_transform(self.pp).array    # numpy out: no torch
 
     def info(self):
         """What a client may know: no file paths."""
@@ -131,13 +134,14 @@ def open_image(data, max_pixels):
 
 
 def decode(im, transform):
-    """An opened image -> (3, H, W) float32 network input; InputError if its pixels cannot be decoded."""
+    """An opened image -> (3, H, W) float32 network input (`transform`: PIL image -> numpy array); InputError if
+    its pixels cannot be decoded."""
     with im:
         try:
             rgb = presets.to_rgb(im)
         except Exception as e:
             raise InputError(400, "corrupt_image", f"the image cannot be decoded: {e}") from None
-    return transform(rgb).numpy()
+    return np.asarray(transform(rgb))    # a torch tensor too (EvalTransform itself), as numpy
 
 
 def preprocess(data, transform, max_pixels):

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from serve.model import Params
-from stages import export, runtime
+from stages import runtime
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section, sha256
 
 TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64",
@@ -70,7 +70,7 @@ def run(onnx_path, out_dir, max_batch_size, max_queue_delay_us=5000, instances=1
     if max_batch_size < 1:
         raise UserError(f"max_batch_size must be >= 1 for dynamic batching, not {max_batch_size}")
     sess = runtime.session(onnx_path)
-    classes, pp = export.metadata(sess)
+    classes, pp = runtime.metadata(sess)
     text = config(model_name, sess, classes, pp, sha256(onnx_path), max_batch_size, max_queue_delay_us,
                   instances, threads)
     model_dir = Path(out_dir) / model_name

@@ -35,7 +35,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from stages import presets, prune, quantize, runtime  # noqa: E402
+from stages import presets, prune, quantize, runtime, timing  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section, sha256, typed  # noqa: E402
 from stages.evaluate import scores  # noqa: E402
 from stages.export import parity, predict_onnx, to_onnx  # noqa: E402
@@ -120,10 +120,10 @@ def rounds(workers, x, repeats, p):
     per variant, the order rotated every round so that no variant always goes first."""
     names, out = list(workers), {n: [] for n in workers}
     for n in names:
-        workers[n].submit(runtime.calls, x, p.warmup).result()
+        workers[n].submit(timing.calls, x, p.warmup).result()
     for r in range(p.rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            out[n] += workers[n].submit(runtime.calls, x, repeats).result()
+            out[n] += workers[n].submit(timing.calls, x, repeats).result()
     return out
 
 
@@ -131,7 +131,7 @@ def bench(files, x1, xb, p):
     """Per variant file: batch-1 latency (ms), full-batch throughput (images/s), then batch-1 latency again,
     each variant in a fresh process of its own (see the module's docstring)."""
     spawn = multiprocessing.get_context("spawn")
-    workers = {n: ProcessPoolExecutor(1, spawn, runtime.load, (str(f), p.threads)) for n, f in files.items()}
+    workers = {n: ProcessPoolExecutor(1, spawn, timing.load, (str(f), p.threads)) for n, f in files.items()}
     try:
         lat, thr, again = (rounds(workers, x, k, p) for x, k in ((x1, p.repeats), (xb, p.batch_repeats),
                                                                   (x1, p.repeats)))

@@ -14,7 +14,7 @@ import torch
 from stages import presets
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section
 from stages.prepare import read_manifest
-from stages.runtime import BATCH, session
+from stages.runtime import BATCH, INPUT, OUTPUT, session
 from stages.train import load_model, loader, predict
 
 OPSET = 17
@@ -31,8 +31,8 @@ def to_onnx(model, classes, pp, path, extra=None):
     """Write `model` to `path` (legacy TorchScript exporter: one file, ~10x faster than dynamo here)."""
     x = torch.zeros(2, 3, pp.input_size, pp.input_size)
     torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=OPSET,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: BATCH}, "logits": {0: BATCH}})
+                      input_names=[INPUT], output_names=[OUTPUT],
+                      dynamic_axes={INPUT: {0: BATCH}, OUTPUT: {0: BATCH}})
     m = onnx.load(str(path))
     onnx.checker.check_model(m, full_check=True)
     for k, v in {"classes": json.dumps(classes), "preprocessing": pp.to_json(), **(extra or {})}.items():
@@ -40,17 +40,11 @@ def to_onnx(model, classes, pp, path, extra=None):
     onnx.save(m, str(path))
 
 
-def metadata(sess):
-    """(class names, Preprocessing) from an ONNX session's metadata."""
-    meta = sess.get_modelmeta().custom_metadata_map
-    return json.loads(meta["classes"]), presets.Preprocessing.from_json(meta["preprocessing"])
-
-
 def predict_onnx(sess, batches):
     """Logits and labels over `batches`, in order, as torch tensors."""
     out, labels = [], []
     for x, y in batches:
-        out.append(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]))
+        out.append(torch.from_numpy(sess.run(None, {INPUT: x.numpy()})[0]))
         labels.append(y)
     return torch.cat(out), torch.cat(labels)
 

@@ -2,14 +2,15 @@
 
 A `Preprocessing` comes from the model (timm's data config or torchvision's weights), travels inside the
 checkpoint and the ONNX metadata, and rebuilds the exact eval transform anywhere.
+
+Imports numpy and Pillow only: the server and batch prediction use it without torch. torch and torchvision are
+imported inside the calls that make tensors (`EvalTransform.__call__`, `train_transform`, `get_policy`).
 """
 import dataclasses
 import json
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import v2 as T
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")   # the names torchvision and PIL share (upper case in PIL)
 
@@ -59,12 +60,16 @@ def to_rgb(im):
 
 
 def _tail(pp):
+    import torch
+    from torchvision.transforms import v2 as T
+
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pp.mean, pp.std)]
 
 
 class EvalTransform:
     """Resize the shorter side to `resize`, centre-crop `input_size`, normalise: what evaluation, export and the
-    server see. PIL image -> (3, H, W) float32 tensor.
+    server see. PIL image -> (3, H, W) float32 tensor; `array` gives the same values as a numpy array, without
+    torch (what the server runs).
 
     torchvision's Resize + CenterCrop + ToImage + ToDtype + Normalize to within half a grey level on average (PIL
     rounds between its passes; tests compare them), at a quarter of the cost: PIL resamples only the crop's box
@@ -77,7 +82,8 @@ class EvalTransform:
         self.scale = (1 / (255 * np.asarray(pp.std, np.float32))).reshape(3, 1, 1)
         self.shift = (np.asarray(pp.mean, np.float32) / np.asarray(pp.std, np.float32)).reshape(3, 1, 1)
 
-    def __call__(self, im):
+    def array(self, im):
+        """PIL image -> (3, H, W) float32 numpy array: the network input, no torch involved."""
         w, h = im.size
         short, long = (w, h) if w <= h else (h, w)
         long = int(self.resize * long / short)                 # torchvision's rounding of the long side
@@ -88,7 +94,13 @@ class EvalTransform:
         if rw < self.size or rh < self.size:                   # never with resize >= input_size
             raise ValueError(f"resize {self.resize} is smaller than input_size {self.size}")
         x = np.asarray(im.resize((self.size, self.size), self.mode, box=box), np.float32).transpose(2, 0, 1)
-        return torch.from_numpy(x * self.scale - self.shift)
+        return x * self.scale - self.shift
+
+    def __call__(self, im):
+        """PIL image -> (3, H, W) float32 torch tensor: `array`'s values, shared, not copied."""
+        import torch
+
+        return torch.from_numpy(self.array(im))
 
 
 def eval_transform(pp):
@@ -98,6 +110,8 @@ def eval_transform(pp):
 
 def train_transform(pp, scale=(0.35, 1.0), hflip=0.5, policy="none"):
     """Random resized crop and flip, plus an optional automatic augmentation policy."""
+    from torchvision.transforms import v2 as T
+
     mode = T.InterpolationMode(pp.interpolation)
     size = pp.train_size or pp.input_size
     ops = [T.RandomResizedCrop(size, scale=tuple(scale), interpolation=mode, antialias=True)]
@@ -107,10 +121,10 @@ def train_transform(pp, scale=(0.35, 1.0), hflip=0.5, policy="none"):
     return T.Compose(ops + _tail(pp))
 
 
-POLICIES = {
-    "none": lambda: [],
-    "trivialaugment": lambda: [T.TrivialAugmentWide()],
-    "randaugment": lambda: [T.RandAugment()],
+POLICIES = {                      # name -> torchvision v2 transform class names (none: no policy)
+    "none": (),
+    "trivialaugment": ("TrivialAugmentWide",),
+    "randaugment": ("RandAugment",),
 }
 
 
@@ -119,4 +133,8 @@ def get_policy(name):
 
     if name not in POLICIES:
         raise UserError(f"unknown augmentation policy '{name}'; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name]()
+    if not POLICIES[name]:
+        return []
+    from torchvision.transforms import v2 as T
+
+    return [getattr(T, op)() for op in POLICIES[name]]

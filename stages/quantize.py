@@ -20,7 +20,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from stages.config import UserError, typed
 from stages.export import parity, predict_onnx
-from stages.runtime import session
+from stages.runtime import INPUT, session
 
 TYPES = {"QInt8": QuantType.QInt8, "QUInt8": QuantType.QUInt8}
 CALIBRATIONS = {"MinMax": CalibrationMethod.MinMax, "Entropy": CalibrationMethod.Entropy,
@@ -83,9 +83,9 @@ def digest(rows):
 
 
 class Reader(CalibrationDataReader):
-    """Feeds (n, 3, H, W) float32 arrays to the model's `input`."""
+    """Feeds (n, 3, H, W) float32 arrays to the model's input (`runtime.INPUT`)."""
 
-    def __init__(self, arrays, name="input"):
+    def __init__(self, arrays, name=INPUT):
         self.items, self.name = iter(list(arrays)), name
 
     def get_next(self):

@@ -1,14 +1,18 @@
-"""ONNX Runtime as the pipeline and the server run it, and the worker that times one model in a process of its own.
+"""ONNX Runtime as the pipeline and the server run it: sessions, the batch-aware runner, the ONNX file's metadata.
 
-Kept free of torch and timm imports: a serving or timing process that runs an ONNX file starts in a fraction of
-a second.
+Kept free of torch, torchvision and timm imports (onnxruntime, numpy and the torch-free `presets` only): the
+server, the folder predictor and a timing process that runs an ONNX file import this, and start in a fraction of
+a second. A library module: it imports no stage (the timing worker, which loads checkpoints, is stages/timing.py).
 """
-import time
-from pathlib import Path
+import json
 
 import onnxruntime as ort
 
+from stages.presets import Preprocessing
+
 BATCH = "batch"          # the name of the ONNX model's dynamic batch axis
+INPUT = "input"          # the name of the ONNX model's one input: (batch, 3, H, W) float32, what presets makes
+OUTPUT = "logits"        # the name of its one output: (batch, classes)
 
 
 def session(path, threads=0, spinning=True, batch=None):
@@ -25,47 +29,21 @@ def session(path, threads=0, spinning=True, batch=None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def metadata(sess):
+    """(class names, Preprocessing) from an ONNX session's metadata, as `stages.export` writes them; KeyError
+    names the missing key."""
+    meta = sess.get_modelmeta().custom_metadata_map
+    return json.loads(meta["classes"]), Preprocessing.from_json(meta["preprocessing"])
+
+
 class Runner:
     """Runs an ONNX model on any batch: a batch-1 session for single images, the dynamic one otherwise."""
 
     def __init__(self, path, threads=0, spinning=True):
         self.sess = session(path, threads, spinning)
         self.single = session(path, threads, spinning, batch=1)
-        self.input = self.sess.get_inputs()[0].name
+        self.input = self.sess.get_inputs()[0].name     # INPUT for this project's files; any name for others
 
     def __call__(self, x):
         """(n, 3, H, W) float32 -> (n, classes) logits."""
         return (self.single if len(x) == 1 else self.sess).run(None, {self.input: x})[0]
-
-
-_model = None            # the timing worker's model: one per process
-
-
-def load(path, threads):
-    """Timing worker's initializer: an ONNX file through `Runner`, any other file as a PyTorch checkpoint run
-    eagerly (in eval mode, under `torch.inference_mode()`)."""
-    global _model
-    if Path(path).suffix == ".onnx":
-        _model = Runner(path, threads)
-        return
-    import torch
-    from stages.prune import load_model         # train's checkpoints and prune's alike
-
-    torch.set_num_threads(threads)
-    model = load_model(path)[0]
-
-    def eager(x):
-        with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()
-
-    _model = eager
-
-
-def calls(x, n):
-    """Seconds taken by each of `n` calls of the worker's model on `x`."""
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        _model(x)
-        out.append(time.perf_counter() - t)
-    return out

@@ -84,7 +84,7 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     meta = {e.key: e.value for e in onnx.load(str(out / "model.onnx")).metadata_props}
     assert meta["variant"] == "onnx_fp32" and json.loads(meta["classes"]) == card["classes"] == ["blue", "red"]
     assert json.loads(meta["params"])["deploy"]["budget"]["min_speedup"] == 1000.0 and meta["opset"] == "17"
-    assert export.metadata(runtime.session(out / "model.onnx"))[0] == ["blue", "red"]   # what the server reads
+    assert runtime.metadata(runtime.session(out / "model.onnx"))[0] == ["blue", "red"]   # what the server reads
     assert not {"git_rev", "metrics", "reason", "sha256"} & set(meta)       # run-to-run facts stay in the card
     for d, facts in (("w1", {}), ("w2", {"git_rev": "f" * 40, "reason": "chosen, 9.9x", "metrics": {"x": 1}})):
         deploy.write(tmp_path / d, onnx_path, {**card, **facts}, variants, report["reasons"], report)
@@ -115,14 +115,14 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
 
     # INT8 on its own, on a fixed batch: smaller, metadata kept, and close to FP32. The tiny model is nearly
     # untrained, so its logits crowd together: allow one flip in 8 and an error of a tenth of the logit range.
-    tf = presets.eval_transform(export.metadata(runtime.session(onnx_path))[1])
+    tf = presets.eval_transform(runtime.metadata(runtime.session(onnx_path))[1])
     x = next(iter(loader(calibration, classes, tf, 8)))[0].numpy()
     val_rows, _ = read_manifest(manifest, {"val"})
     v = next(iter(loader(val_rows, classes, tf, 8)))[0].numpy()
     quantize.quantize(onnx_path, tmp_path / "int8.onnx", [x], quantize.Settings(calibration_size=8))
     assert (tmp_path / "int8.onnx").stat().st_size < onnx_path.stat().st_size
-    fp32, int8 = (runtime.session(f).run(None, {"input": v})[0] for f in (onnx_path, tmp_path / "int8.onnx"))
-    assert export.metadata(runtime.session(tmp_path / "int8.onnx"))[0] == classes
+    fp32, int8 = (runtime.session(f).run(None, {runtime.INPUT: v})[0] for f in (onnx_path, tmp_path / "int8.onnx"))
+    assert runtime.metadata(runtime.session(tmp_path / "int8.onnx"))[0] == classes
     assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 7 / 8
     assert np.abs(fp32 - int8).max() <= 0.1 * (fp32.max() - fp32.min())
 

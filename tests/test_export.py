@@ -16,11 +16,11 @@ def test_export_checks_parity_and_carries_metadata(tmp_path, manifest, checkpoin
     onnx.checker.check_model(onnx.load(str(path)))
     assert not list((tmp_path / "e").glob("*.data"))                     # one self-contained file
     sess = runtime.session(path)
-    classes, pp = export.metadata(sess)
+    classes, pp = runtime.metadata(sess)
     assert classes == ["blue", "red"] and pp.input_size > 0
     for batch in (1, 5):                                                  # dynamic batch axis
         x = np.zeros((batch, 3, pp.input_size, pp.input_size), np.float32)
-        assert sess.run(None, {"input": x})[0].shape == (batch, 2)
+        assert sess.run(None, {runtime.INPUT: x})[0].shape == (batch, 2)
 
     run = runtime.Runner(path, threads=1)                                  # batch-1 session + dynamic one
     assert run.single.get_inputs()[0].shape[0] == 1 and run.sess.get_inputs()[0].shape[0] == runtime.BATCH

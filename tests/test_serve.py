@@ -1,4 +1,5 @@
 """The HTTP service, the folder predictor and the Triton repository, on a tiny trained model over real HTTP."""
+import ast
 import asyncio
 import csv
 import dataclasses
@@ -79,7 +80,7 @@ PROBES = [(encode((200, 40, 40), (48, 40), "PNG"), "image/png"),
 def offline(card_path):
     """Class names and softmax probabilities of PROBES from ONNX Runtime in-process, no server involved."""
     sess = runtime.session(json.loads(card_path.read_text())["model"])
-    classes, pp = export.metadata(sess)
+    classes, pp = runtime.metadata(sess)
     t = presets.eval_transform(pp)
     x = torch.stack([t(presets.load_rgb(io.BytesIO(data))) for data, _ in PROBES])
     logits, _ = export.predict_onnx(sess, [(x, torch.zeros(len(x)))])
@@ -419,7 +420,7 @@ def parse_pbtxt(text):
 
 def test_triton_repository_matches_the_onnx_graph(card, tmp_path):
     model = json.loads(card.read_text())["model"]
-    classes, pp = export.metadata(runtime.session(model))
+    classes, pp = runtime.metadata(runtime.session(model))
     triton.run(model, tmp_path / "repo", max_batch_size=8, max_queue_delay_us=5000, threads=1)
     root = tmp_path / "repo" / "classifier"
     assert (root / "1" / "model.onnx").read_bytes() == open(model, "rb").read()
@@ -466,6 +467,29 @@ def test_dockerfile_is_slim_pinned_non_root_and_copies_only_the_model_it_is_give
         name, version = pin.split("==")
         assert importlib.metadata.version(name) == version, f"{pin} is not what the tests ran with"
     assert (ROOT / "serve/Dockerfile.dockerignore").read_text().splitlines()[1] == "**"
+
+
+def test_serving_image_installs_what_the_server_imports_and_no_torch():
+    """Every third-party package that the server, the folder predictor, the Triton writer and the project modules
+    they load import at module level is pinned in serve/requirements.txt; torch, torchvision, timm and onnx are
+    neither loaded nor pinned (issue #14)."""
+    code = ("import sys, serve.app, serve.predict_folder, serve.triton; print(sorted({'torch', 'torchvision', "
+            "'timm', 'onnx'} & set(sys.modules))); print(' '.join(m.__file__ for n, m in sys.modules.items() "
+            "if n.split('.')[0] in ('serve', 'stages') and getattr(m, '__file__', None)))")
+    heavy, files = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                  check=True).stdout.splitlines()
+    assert heavy == "[]"
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()                 # noqa: E731
+    pins = {norm(ln.split("==")[0]) for ln in (ROOT / "serve/requirements.txt").read_text().splitlines()
+            if ln and ln[0] != "#"}
+    assert not pins & {"torch", "torchvision", "timm", "onnx"}
+    dists = importlib.metadata.packages_distributions()
+    for f in files.split():
+        for node in ast.parse(open(f).read()).body:                       # module level: lazy imports run later
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"serve", "stages"}:
+                assert {norm(d) for d in dists[top]} & pins, f"{f} imports {top}, not in serve/requirements.txt"
 
 
 # Issue #13: connection-level limits (nginx in front), bounded decoding and the smaller faults, on the real server.
