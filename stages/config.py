@@ -98,12 +98,15 @@ def load_section(cls, section, path=PARAMS):
         raise UserError(f"{path}: section '{section}': {e}") from None
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def resolve_device(request):
     """'auto' | 'cpu' | 'cuda' -> a torch device string; asking for an absent GPU is a clear error."""
     import torch
 
-    if request not in ("auto", "cpu", "cuda"):
-        raise UserError(f"device '{request}' is not one of auto, cpu, cuda")
+    if request not in DEVICES:
+        raise UserError(f"device '{request}' is not one of {', '.join(DEVICES)}")
     if request == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was asked for but no CUDA GPU is visible here; "
                         "set it to 'auto' or 'cpu' in params.yaml's 'devices' section")
@@ -112,10 +115,24 @@ def resolve_device(request):
     return request
 
 
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """params.yaml's `devices` section: where each stage that runs a network runs it (not a DVC param)."""
+    train: str = "auto"
+    prune: str = "auto"
+    evaluate: str = "auto"
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) not in DEVICES:
+                raise ValueError(f"{f.name} is '{getattr(self, f.name)}', not one of {', '.join(DEVICES)}")
+
+
 def stage_device(stage, path=PARAMS):
-    """The device for `stage` from params.yaml's `devices` section (not a DVC param: see dvc.yaml)."""
-    params = read_params(path)
-    return resolve_device((params.get("devices") or {}).get(stage, "auto"))
+    """The torch device for `stage` from params.yaml's `devices` section, validated like every section (a typo
+    names the right key); a file without the section, or a stage it has no key for, gets 'auto'."""
+    devices = load_section(Devices, "devices", path) if "devices" in read_params(path) else Devices()
+    return resolve_device(getattr(devices, stage, "auto"))
 
 
 def sha256(path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages import train
-from stages.config import UserError, atomic_text, load_section, resolve_device
+from stages.config import Devices, UserError, atomic_text, load_section, resolve_device, stage_device
 from tests.conftest import ROOT
 
 
@@ -38,6 +38,21 @@ def test_cuda_without_gpu_is_a_clear_error():
         resolve_device("cuda")
     with pytest.raises(UserError, match="not one of auto, cpu, cuda"):
         resolve_device("gpu")
+
+
+def test_devices_is_validated_like_every_section(tmp_path):
+    """A typo in `devices` is one line naming the right key, a bad value names the choices; no section: auto."""
+    params = tmp_path / "params.yaml"
+    params.write_text("devices:\n  trian: cpu\n")
+    with pytest.raises(UserError, match=r"unknown key 'devices.trian'; did you mean 'train'\?"):
+        stage_device("train", params)
+    params.write_text("devices:\n  train: gpu\n")
+    with pytest.raises(UserError, match="train is 'gpu', not one of auto, cpu, cuda"):
+        stage_device("train", params)
+    params.write_text("devices:\n  evaluate: cpu\n")
+    assert stage_device("evaluate", params) == "cpu" and stage_device("prepare", params) == resolve_device("auto")
+    params.write_text("train: {}\n")
+    assert stage_device("train", params) == resolve_device("auto")
 
 
 def test_atomic_text_leaves_no_temp_file(tmp_path):
@@ -95,7 +110,8 @@ def test_every_shipped_section_loads(tmp_path):
     from stages import deploy, evaluate, export, prepare, prune, validate
     for cls, section in [(prepare.Params, "prepare"), (validate.Params, "validate"), (train.Params, "train"),
                          (export.Params, "export"), (evaluate.Params, "evaluate"), (prune.Params, "prune"),
-                         (deploy.Params, "deploy"), (Serve, "serve"), (Orchestrate, "orchestrate")]:
+                         (deploy.Params, "deploy"), (Serve, "serve"), (Orchestrate, "orchestrate"),
+                         (Devices, "devices")]:
         load_section(cls, section, ROOT / "params.yaml")
 
 
