@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test flow deploy serve predict-folder bench
+.PHONY: setup run test flow schedule serve predict-folder bench
 NGINX := /usr/sbin/nginx
 setup: $(STAMP) $(NGINX)
 
@@ -27,16 +27,16 @@ test: $(STAMP) $(NGINX)
 	python -m pytest -q tests
 
 # The pipeline through Prefect: a local server (SQLite in .prefect/) is started when none answers.
-flow deploy: export PREFECT_HOME := $(CURDIR)/.prefect
-flow deploy: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+flow schedule: export PREFECT_HOME := $(CURDIR)/.prefect
+flow schedule: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
 
 flow: $(STAMP)
 	python -m flows.server
 	python -m flows.pipeline
 
-deploy: $(STAMP)
+schedule: $(STAMP)
 	python -m flows.server
-	python -m flows.deploy
+	python -m flows.schedule
 
 # Serving the deploy model the pipeline chose (see serve/); IMAGES=folder OUT=file.csv for predict-folder.
 CARD := outputs/deploy/card.json

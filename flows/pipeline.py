@@ -2,7 +2,7 @@
 
 DVC stays the single source of truth for the stages, their inputs and their cache: a stage that `dvc status`
 finds up to date ends as a `Cached` task without running, and one that is not runs `dvc repro --single-item`.
-`python -m flows.pipeline` runs it once; flows/deploy.py serves it on a schedule.
+`python -m flows.pipeline` runs it once; flows/schedule.py serves it on a schedule.
 """
 import dataclasses
 import json
@@ -20,7 +20,7 @@ from stages.config import load_section, stage_device
 @dataclasses.dataclass(frozen=True)
 class Params:
     name: str = "transfer-pipeline"
-    cron: str = "0 3 * * *"            # the scheduled deployment's cron (flows/deploy.py)
+    cron: str = "0 3 * * *"            # the scheduled deployment's cron (flows/schedule.py)
     retries: int = 2                    # per stage, for transient failures only
     retry_delay_seconds: int = 10
     webhook: str = ""                   # POSTed a JSON message when a run fails; logged when empty

@@ -108,7 +108,7 @@ def test_a_bad_param_fails_its_stage_once_not_once_per_retry(clone, server):
 def test_scheduled_deployment_runs(clone, server):
     env = {**server, "PYTHONPATH": str(clone), "PREFECT_RUNNER_POLL_FREQUENCY": "2",
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    runner = subprocess.Popen([sys.executable, "-m", "flows.deploy"], cwd=clone, env=env,
+    runner = subprocess.Popen([sys.executable, "-m", "flows.schedule"], cwd=clone, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

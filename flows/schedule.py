@@ -1,7 +1,9 @@
-"""Serve the pipeline flow as a scheduled Prefect deployment (cron from params.yaml's `orchestrate`).
+"""The schedule: the pipeline flow served as a Prefect deployment (cron from params.yaml's `orchestrate`).
+
+Named `schedule`, not `deploy`: "deploy" is the DVC stage that chooses the shipped variant (stages/deploy.py).
 
 This process is the runner: it registers the deployment, and runs the flow whenever the server schedules
-one. `make deploy` starts a local server first when none is running.
+one. `make schedule` starts a local server first when none is running.
 """
 from flows.pipeline import Params, pipeline
 from stages.config import cli, load_section
