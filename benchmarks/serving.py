@@ -5,7 +5,6 @@ the mean of the two runs either side of it (client, server and ORT share this ma
 """
 import asyncio
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +12,9 @@ import numpy as np
 from benchmarks import serve_bench
 from benchmarks.timing import pairwise, section, spread, wall
 from serve.model import Model, Params
-from stages.config import sha256
+from stages.card import write_card
 
 LEVELS = (1, 8, 32)
-
-
-def write_card(onnx_path, variant, path):
-    """A model card for `onnx_path`, as the server reads one (the file's SHA-256 is checked at start)."""
-    card = {"model": str(Path(onnx_path).resolve()), "variant": variant, "git_rev": "bench",
-            "sha256": sha256(onnx_path)}
-    Path(path).write_text(json.dumps(card))
-    return Path(path)
 
 
 def phase(url, data, concurrency, seconds):
@@ -41,7 +32,8 @@ def run(onnx_path, variant, work, seconds, repeats):
     work.mkdir(parents=True, exist_ok=True)
     p = section(Params, "serve")
     data, source = serve_bench.photo()
-    card = write_card(onnx_path, variant, work / "card.json")
+    card = work / "card.json"                       # as the server reads one (the SHA-256 is checked at start)
+    write_card(card, {"model": Path(onnx_path).resolve(), "variant": variant, "git_rev": "bench"})
     model = Model(card, p.threads)                  # in this process: ORT with the server's thread budget
     (proc, url), start = wall(serve_bench.start_server, card, p, work / "server.log")
     base, phases = [serve_bench.in_process(model, p, data, seconds / 2)], []   # the server idles meanwhile

@@ -2,18 +2,17 @@
 session, and untrusted image bytes turned into network input by `stages.presets` (never by code of its own).
 
 Torch-free: it imports the library's numpy/Pillow/ONNX Runtime part only (`stages.presets`, `stages.runtime`,
-`stages.config`), never a stage, so the serving image installs no torch, torchvision or timm.
+`stages.card`, `stages.config`), never a stage, so the serving image installs no torch, torchvision or timm.
 """
 import dataclasses
 import io
-import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from stages import presets, runtime
-from stages.config import UserError, sha256
+from stages.card import read_card
+from stages.config import UserError
 
 # Decoders reachable from the network. PIL has riskier ones (EPS runs Ghostscript); these cover cameras and web.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -61,28 +60,6 @@ class InputError(Exception):
     def __init__(self, status, kind, detail):
         super().__init__(detail)
         self.status, self.kind, self.detail = status, kind, detail
-
-
-def read_card(path):
-    """The model card as a dict, after checking that the file it names has the SHA-256 it records."""
-    path = Path(path)
-    try:
-        card = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"model card {path} not found: build it with the export stage") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"model card {path} is not JSON: {e}") from None
-    missing = [k for k in ("model", "sha256", "variant") if not isinstance(card, dict) or k not in card]
-    if missing:
-        raise UserError(f"model card {path} lacks {', '.join(missing)}")
-    model = Path(card["model"])                 # relative to the project root, like every path in dvc.yaml
-    if not model.is_file():
-        raise UserError(f"model card {path} names {model}, which does not exist (run from the project root)")
-    digest = sha256(model)
-    if digest != str(card["sha256"]).lower():
-        raise UserError(f"{model} has SHA-256 {digest} but the card {path} says {card['sha256']}: "
-                        "refusing to serve a model the card does not describe")
-    return card
 
 
 class Model:

@@ -36,7 +36,8 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from stages import presets, prune, quantize, runtime, timing  # noqa: E402
-from stages.config import UserError, atomic_dir, cli, load_section, sha256, typed  # noqa: E402
+from stages.card import write_card  # noqa: E402
+from stages.config import UserError, atomic_dir, cli, load_section, typed  # noqa: E402
 from stages.evaluate import scores  # noqa: E402
 from stages.export import parity, predict_onnx, to_onnx  # noqa: E402
 from stages.prepare import read_manifest  # noqa: E402
@@ -255,8 +256,7 @@ def write(out_dir, chosen_file, card, table, reasons, report):
         for k, v in props.items():
             m.metadata_props.add(key=k, value=v)
         onnx.save(m, str(tmp / "model.onnx"))
-        card["sha256"] = sha256(tmp / "model.onnx")
-        (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        card.update(write_card(tmp / "card.json", card, file=tmp / "model.onnx"))
         (tmp / "variants.json").write_text(json.dumps(table, indent=2) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         cols = list(next(iter(table.values())))
