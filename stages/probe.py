@@ -29,6 +29,11 @@ def fit_probe(x, y, c, balanced):
     return torch.tensor(w, dtype=torch.float), torch.tensor(b - w @ mu, dtype=torch.float)
 
 
+def head_logits(x, weight, bias):
+    """A fitted probe's logits for the features `x` (numpy rows), as a float tensor."""
+    return torch.tensor(x, dtype=torch.float) @ weight.T + bias
+
+
 def choose_c(x, y, image, p):
     """The probe's regularisation by stratified k-fold cross-validation over whole images (a picture's
     augmented views stay on one side; the first rows are each image's plain view, in `image` order):
@@ -45,10 +50,10 @@ def choose_c(x, y, image, p):
         right, loss, per_fold = 0, 0.0, []
         for tr, te in StratifiedKFold(folds, shuffle=True, random_state=p.seed).split(plain, labels):
             w, b = fit_probe(x[np.isin(image, tr)], y[np.isin(image, tr)], c, p.balance != "none")
-            logits = torch.tensor(x[te], dtype=torch.float) @ w.T + b
-            hits = (logits.argmax(1).numpy() == labels[te])
+            out = head_logits(x[te], w, b)
+            hits = (out.argmax(1).numpy() == labels[te])
             right, per_fold = right + hits.sum(), per_fold + [hits.mean()]
-            loss += F.cross_entropy(logits, torch.tensor(labels[te]), reduction="sum").item()
+            loss += F.cross_entropy(out, torch.tensor(labels[te]), reduction="sum").item()
         scores.append((right / len(plain), -loss / len(plain), np.std(per_fold), c))
     acc, neg_loss, spread, c = max(scores)
     return c, {"lp_c": c, "cv_folds": int(folds), "cv_acc": round(float(acc), 4),

@@ -22,9 +22,9 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from stages import backbones, presets
-from stages.probe import choose_c, earned, fit_probe, set_head
 from stages.config import UserError, atomic_write, cli, load_section, stage_device
 from stages.prepare import read_manifest
+from stages.probe import choose_c, earned, fit_probe, head_logits, set_head
 
 STRATEGIES = ("linear_probe", "finetune", "lp_ft")
 BALANCES = ("none", "sampler", "loss")
@@ -158,7 +158,7 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
     c, cv = choose_c(np.concatenate([x[:n], hx, x[n:]]), np.concatenate([y[:n], hy, y[n:]]),
                      np.concatenate([image[:n], n + np.arange(len(hx)), image[n:]]), p)
     w, b = fit_probe(x, y, c, p.balance != "none")
-    hold_logits = torch.tensor(hx, dtype=torch.float) @ w.T + b
+    hold_logits = head_logits(hx, w, b)
     score = holdout_score(hold_logits, torch.tensor(hy))
     set_head(model.head, w.to(device), b.to(device))
     row = {"phase": "linear_probe", "epoch": 0, "train_loss": "", "holdout_loss": round(-score[1], 4),
