@@ -35,15 +35,18 @@ def folder(tmp_path):
     return root
 
 
-@pytest.fixture
-def split_folder(tmp_path):
-    """An ImageFolder with its own train/ and val/ folders."""
-    root = tmp_path / "split"
-    for split, n in (("train", 10), ("val", 4)):
+def make_split_folder(root, n_train, n_val, ext="jpg"):
+    """An ImageFolder with its own train/ and val/ folders, `n_train` and `n_val` images per class."""
+    for split, n in (("train", n_train), ("val", n_val)):
         for k, (c, color) in enumerate(COLORS.items()):
             for i in range(n):
-                make_image(root / split / c / f"{i}.jpg", color, seed=1000 * (split == "val") + 100 * k + i)
+                make_image(root / split / c / f"{i}.{ext}", color, seed=1000 * (split == "val") + 100 * k + i)
     return root
+
+
+@pytest.fixture
+def split_folder(tmp_path):
+    return make_split_folder(tmp_path / "split", 10, 4)
 
 
 TINY = dict(backbone="test_efficientnet", weights="none", batch_size=8, lp_views=2, lp_folds=3,

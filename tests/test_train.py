@@ -96,12 +96,8 @@ def test_earned_needs_a_gain_beyond_the_holdouts_noise():
 def larger_manifest(tmp_path):
     """60 train and 6 val images per class: a holdout of 12 per class, enough to tell the two apart."""
     from stages import prepare
-    from tests.conftest import COLORS, make_image
-    root = tmp_path / "larger"
-    for split, n in (("train", 60), ("val", 6)):
-        for k, (c, color) in enumerate(COLORS.items()):
-            for i in range(n):
-                make_image(root / split / c / f"{i}.png", color, seed=1000 * (split == "val") + 100 * k + i)
+    from tests.conftest import make_split_folder
+    root = make_split_folder(tmp_path / "larger", 60, 6, ext="png")
     prepare.run(root, tmp_path / "prepare", prepare.Params(source=str(root)))
     return tmp_path / "prepare" / "manifest.csv"
 
