@@ -161,12 +161,19 @@ async def read_parts(request, boundary, p):
         "on_part_data": lambda d, a, b: parts[-1][1].extend(d[a:b]),
         "on_end": lambda: done.append(True),
     }
+    refused = None
     try:
         parser = MultipartParser(boundary, callbacks)
         async for chunk in body_chunks(request, p.max_body_bytes):
-            parser.write(chunk)
+            if refused is None:
+                try:
+                    parser.write(chunk)
+                except InputError as e:     # read the rest (within max_body_bytes) first: an answer sent
+                    refused = e             # mid-upload resets the upstream socket, and nginx says 502
     except (MultipartParseError, ValueError) as e:
         raise InputError(400, "malformed_multipart", f"the multipart body cannot be parsed: {e}") from None
+    if refused is not None:
+        raise refused
     if not done:
         raise InputError(400, "malformed_multipart", "the multipart body ends before its closing boundary")
     if not parts:
