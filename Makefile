@@ -7,11 +7,16 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup run test flow schedule serve predict-folder bench
 NGINX := /usr/sbin/nginx
-setup: $(STAMP) $(NGINX)
+CHROMIUM := /usr/bin/chromium
+setup: $(STAMP) $(NGINX) $(CHROMIUM)
 
 # The server's front (serve/server.py): Debian's nginx, installed once (needs root, or run the two lines by hand).
 $(NGINX):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx
+
+# Headless Chromium for the report page's browser test, from Debian's packages.
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
 # Re-installs only when requirements.txt changes; the machine's pip config prints noise about absent mirrors.
 $(STAMP): requirements.txt
@@ -23,7 +28,7 @@ run: $(STAMP)
 	dvc repro
 	@echo; echo "== results (outputs/evaluate/summary.txt) =="; cat outputs/evaluate/summary.txt
 
-test: $(STAMP) $(NGINX)
+test: $(STAMP) $(NGINX) $(CHROMIUM)
 	python -m pytest -q tests
 
 # The pipeline through Prefect: a local server (SQLite in .prefect/) is started when none answers.

@@ -128,3 +128,12 @@ def reproduced(tmp_path_factory):
 def clone(reproduced, tmp_path):
     """A private copy of the reproduced repo (git history, DVC cache and outputs included)."""
     return Path(shutil.copytree(reproduced[0], tmp_path / "repo", symlinks=True))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray per test session (2 CPUs, no dashboard): starting it costs seconds and memory."""
+    from stages.cluster import ray_init
+    ray = ray_init(num_cpus=2)
+    yield ray
+    ray.shutdown()
