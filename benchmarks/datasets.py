@@ -12,9 +12,7 @@ RESULTS.md (`make bench` runs it first; benchmarks.run's report then includes it
 import argparse
 import dataclasses
 import json
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,17 +22,8 @@ import torch
 from stages import backbones, presets, prepare, train
 from stages.config import UserError, atomic_text, cli, load_section
 from stages.evaluate import baseline_logits, scores
+from stages.machine import describe
 from stages.prepare import read_manifest
-
-
-def cpu():
-    """Model name and the vector extensions that decide float and INT8 speed (see TRAPS.md)."""
-    info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name")),
-                platform.processor())
-    flags = set(info.split())
-    return f"{name}, " + (", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags)
-                          or "no AVX2")
 
 
 def plain_baseline(manifest, tp):
@@ -102,7 +91,7 @@ def run(datasets, out, tp, pp_params):
         raise UserError(f"no data sets folder '{datasets}' (--datasets): run from the project root beside "
                         "../shared, or name the folder")
     sources = sorted(d for d in Path(datasets).iterdir() if d.is_dir())
-    rows, machine = [], cpu()
+    rows, machine = [], describe()
     with tempfile.TemporaryDirectory() as work:
         for source in sources:
             print(f"datasets: {source.name}", flush=True)
@@ -124,7 +113,7 @@ def main():
     args = ap.parse_args()
     rows = run(args.datasets, args.out, load_section(train.Params, "train"),
                load_section(prepare.Params, "prepare"))
-    print(table(rows, cpu()))
+    print(table(rows, describe()))
 
 
 if __name__ == "__main__":

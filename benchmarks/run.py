@@ -30,6 +30,7 @@ from benchmarks import overhead, recipes, report, serving, variants
 from benchmarks.timing import section
 from stages import prepare, train
 from stages.config import cli
+from stages.machine import cpu
 
 MANIFEST = Path("outputs/prepare/manifest.csv")
 BUDGETS = {   # classic loop epochs; repeats of parts 4 and 5; seconds per serving phase; files per folder
@@ -41,9 +42,8 @@ BUDGETS = {   # classic loop epochs; repeats of parts 4 and 5; seconds per servi
 
 
 def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cores": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
+    c = cpu()
+    return {"cores": c["cores"], "cpu": c["model"], "cpu_flags": " ".join(c["flags"]), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
             **{k: importlib.metadata.version(k) for k in ("timm", "dvc", "prefect")},
