@@ -211,14 +211,15 @@ def check_many(paths, p, images, cache=None):
 
 def check_all(paths, p, images, cache=None, workers=1):
     """check() of every path, in order, with a progress bar: in this process (workers 1), on a pool of `workers`
-    processes (0: every core), or as Ray tasks when RAY_ADDRESS names a cluster (0: all of its CPUs)."""
+    processes (0: every core), or as Ray tasks when RAY_ADDRESS names a cluster (0: all of its CPUs). Worker
+    processes start by forkserver: a script calling this with workers != 1 needs `if __name__ == "__main__":`."""
     with tqdm(total=len(paths), desc="prepare: checking images", unit="img") as bar:
-        if workers == 1:
+        if workers == 1 or len(paths) <= CHUNK:            # one task's worth: starting workers costs more
             for path in paths:
                 yield check(path, p, images, cache)
                 bar.update()
             return
-        chunks = (paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK))
+        chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]   # lists of paths: no pixels
         mapped = _on_ray if os.environ.get("RAY_ADDRESS") else _on_pool
         for rows in mapped(chunks, (p, images, cache), workers):
             yield from rows
@@ -230,6 +231,7 @@ def _on_pool(chunks, args, workers):
     from concurrent.futures import ProcessPoolExecutor
 
     workers = workers or len(os.sched_getaffinity(0))
+    workers = min(workers, max(1, len(chunks)))
     # forkserver, not fork: the parent may hold threads (Ray, tqdm's monitor) whose locks a fork would copy held.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["stages.inspection"])

@@ -183,8 +183,10 @@ def test_a_pool_and_its_cache_write_the_serial_runs_bytes(tmp_path, dirty, monke
     serial = written(out)
     assert any(k.startswith("pairs/") for k in serial) and len(serial) > 20      # every rule's case is there
     p = prepare.Params(source=str(dirty), workers=2)
+    pools, real = [], inspection._on_pool
+    monkeypatch.setattr(inspection, "_on_pool", lambda *a: pools.append(a[2]) or real(*a))
     prepare.run(dirty, out, p, cache)                                            # two processes, cold cache
-    assert written(out) == serial
+    assert written(out) == serial and pools == [2]
     prepare.run(dirty, out, p, cache)                                            # warm cache
     assert written(out) == serial
 
