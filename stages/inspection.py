@@ -158,7 +158,9 @@ def recall(cache, key, images):
             data = base.with_suffix(".jpg").read_bytes()
             if hashlib.sha256(data).hexdigest() != copy:
                 return None
-            _put(images / f"{row['sha256'][:24]}.jpg", data)
+            target = images / f"{row['sha256'][:24]}.jpg"
+            if not target.exists():                  # exact copies share one
+                _put(target, data)
         return row, bool(copy)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
