@@ -6,23 +6,20 @@ is carved from the other by a seeded stratified split. A `test` split is kept ap
 A `holdout` slice carved from `train` only is what training selects on: `val` stays untouched.
 Every file gets a row: set-aside files keep theirs, with the rule and the reason. Nothing in the source
 is changed. Kept images are also written as small RGB copies that training decodes instead.
+Files are inspected on `prepare.workers` processes (or a Ray cluster) and, with a cache folder, only files not
+seen before are decoded (stages/inspection.py); the manifest is the same either way.
 """
 import argparse
 import csv
 import dataclasses
-import hashlib
-import os
 import random
-import warnings
 from collections import Counter
 from pathlib import Path
 
-import imagehash
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
-
-from stages import duplicates, presets
+from stages import duplicates, inspection
 from stages.config import UserError, atomic_dir, cli, load_section
+from stages.groups import find_groups, judge_groups
+from stages.inspection import inspect, safe_name  # noqa: F401  (public: tests and tools call prepare.inspect)
 
 FIELDS = ["path", "label", "split", "width", "height", "mode", "format", "bytes", "sha256", "phash",
           "status", "rule", "reason", "cached", "picture"]
@@ -31,8 +28,6 @@ LAYOUTS = ("accepted layouts: <class>/<image>, or <split>/<class>/<image> with s
            "(or valid, validation) and test")
 MAX_PAIRS = 500                 # set-aside pairs drawn side by side into pairs/ (each ~10-20 KB)
 MAX_SIMILAR = 50                # "similar, not confirmed" pairs listed and drawn, closest first
-EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
-               ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 # rule -> default action; unreadable files and bombs cannot be kept
 RULES = {"unreadable": "drop", "bad_name": "drop", "bomb": "drop", "format_mismatch": "keep",
          "too_small": "drop", "placeholder": "drop", "duplicate": "drop", "near_duplicate": "drop",
@@ -53,8 +48,11 @@ class Params:
     near_max_difference: float = 16.0   # levels (0-255): a candidate is confirmed at or under it (duplicates.py)
     cache_side: int = 320           # shorter side of the RGB copies training reads (never upscaled)
     rules: dict = dataclasses.field(default_factory=dict)   # rule -> drop | keep | fail
+    workers: int = 1                # processes (or Ray tasks) inspecting files; 0: every core; 1: this process
 
     def __post_init__(self):
+        if self.workers < 0:
+            raise UserError(f"prepare.workers: {self.workers} is not 0 (every core), 1 (serial) or more")
         for rule, action in self.rules.items():
             if rule not in RULES:
                 raise UserError(f"prepare.rules: unknown rule '{rule}'; rules: {', '.join(RULES)}")
@@ -125,135 +123,6 @@ def scan(source):
     return files
 
 
-def safe_name(path):
-    """(the path as text the manifest can hold, whether its name was valid UTF-8): bad bytes shown as \\xNN."""
-    text = path.as_posix()
-    try:
-        text.encode("utf-8")
-        return text, True
-    except UnicodeEncodeError:
-        return os.fsencode(text).decode("utf-8", "backslashreplace"), False
-
-
-def inspect(path, p):
-    """A manifest row for one file and its RGB image (None when set aside); memory bounded by max_pixels."""
-    row = {"bytes": 0, "sha256": "", "width": 0, "height": 0, "mode": "", "format": "", "phash": "",
-           "rule": "", "reason": ""}
-    try:
-        with open(path, "rb") as f:
-            row.update(bytes=os.fstat(f.fileno()).st_size, sha256=hashlib.file_digest(f, "sha256").hexdigest())
-    except OSError as e:                         # no permission, a dangling link, an I/O error
-        return {**row, "rule": "unreadable", "reason": f"cannot be read: {e.strerror or e}"}, None
-    if row["bytes"] == 0:
-        return {**row, "rule": "unreadable", "reason": "zero-byte file"}, None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)               # reads the header only
-    except UnidentifiedImageError:
-        return {**row, "rule": "unreadable", "reason": "not an image"}, None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return {**row, "rule": "bomb", "reason": f"decompression bomb, refused from its header: {e}"}, None
-    except Exception as e:                       # a header cut short
-        return {**row, "rule": "unreadable", "reason": f"truncated or damaged: {e}"}, None
-    with im:
-        row.update(mode=im.mode, format=im.format or "", width=im.width, height=im.height)
-        if im.width * im.height > p.max_pixels:
-            return {**row, "rule": "bomb", "reason": f"decompression bomb, refused from its header: {im.width}x"
-                                                      f"{im.height} px is over prepare.max_pixels ({p.max_pixels})"}, None
-        try:
-            rgb = presets.to_rgb(im)             # full decode: truncated files fail here
-        except Exception as e:
-            return {**row, "rule": "unreadable", "reason": f"truncated or damaged: {e}"}, None
-    notes = []
-    expected = EXT_FORMATS.get(path.suffix.lower())
-    if expected != row["format"]:
-        notes.append(("format_mismatch", f"extension {path.suffix or '(none)'} but {row['format']} data"))
-    if row["mode"] != "RGB":
-        notes.append(("", f"converted from {row['mode']} to RGB"))
-    if rgb.size != (row["width"], row["height"]):
-        notes.append(("", "EXIF orientation applied"))
-    row["width"], row["height"] = rgb.size
-    if min(rgb.size) < p.min_side:
-        notes.append(("too_small", f"{rgb.width}x{rgb.height} px, under prepare.min_side {p.min_side}"))
-    entropy = rgb.convert("L").entropy()
-    if entropy < p.min_entropy:
-        notes.append(("placeholder", f"near-uniform image: luminance entropy {entropy:.2f} bits "
-                                     f"< prepare.min_entropy {p.min_entropy}"))
-    row["phash"] = str(imagehash.phash(rgb))
-    rules = [r for r, _ in notes if r]
-    row["rule"], row["reason"] = (rules[0] if rules else ""), "; ".join(n for _, n in notes)
-    return row, rgb
-
-
-def find_groups(rows, p, thumbnail):
-    """Groups (lists of row indices) of the same picture: equal content hash, or a pHash candidate that its
-    pixels confirm (`thumbnail(i)`, duplicates.difference); and the candidates not confirmed, as
-    (i, j, pHash distance, difference)."""
-    ids = [i for i, r in enumerate(rows) if r["phash"]]
-    parent = {i: i for i in ids}
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    by_sha = {}
-    for i in ids:
-        by_sha.setdefault(rows[i]["sha256"], []).append(i)
-    for same in by_sha.values():
-        for i in same[1:]:
-            parent[root(i)] = root(same[0])
-    thumbs, unconfirmed = {}, []
-    for a, b, dist in duplicates.candidates([int(rows[i]["phash"], 16) for i in ids], p.near_distance):
-        a, b = ids[a], ids[b]
-        if root(a) == root(b):
-            continue                            # exact copies, or joined already through another pair
-        for i in (a, b):
-            if i not in thumbs:
-                thumbs[i] = thumbnail(i)
-        diff = duplicates.difference(thumbs[a], thumbs[b])
-        if diff <= p.near_max_difference:
-            parent[root(a)] = root(b)
-        else:
-            unconfirmed.append((a, b, dist, diff))
-    groups = {}
-    for i in ids:
-        groups.setdefault(root(i), []).append(i)
-    return ([sorted(g) for g in groups.values() if len(g) > 1],
-            [u for u in unconfirmed if root(u[0]) != root(u[1])])   # not joined through other pairs either
-
-
-def judge_groups(rows, groups):
-    """Conflict (two labels), leakage (into test or val) or duplicate: the rule for each extra copy, the copy
-    it is shown beside (`pair`), and one `picture` id per group."""
-    for g in groups:
-        labels = sorted({rows[i]["label"] for i in g})
-        names = ", ".join(rows[i]["path"] for i in g)
-        if len(labels) > 1:
-            for i in g:
-                other = next(j for j in g if rows[j]["label"] != rows[i]["label"])
-                rows[i].update(rule="conflict", pair=other, picture=rows[g[0]]["sha256"],
-                               reason=f"same picture under labels {' and '.join(labels)}: {names}")
-            continue
-        # The copy in the split furthest from training stays: test, then val.
-        held = [i for i in g if rows[i]["split"] == "test"] or [i for i in g if rows[i]["split"] == "val"]
-        first = held[0] if held else g[0]
-        for i in g:
-            rows[i]["picture"] = rows[first]["sha256"]
-            if i == first:
-                continue
-            same = rows[i]["sha256"] == rows[first]["sha256"]
-            if held and rows[i]["split"] != rows[first]["split"]:
-                rule = "leakage"
-                what = f"same picture as {rows[first]['split']} file {rows[first]['path']}"
-            else:
-                rule = "duplicate" if same else "near_duplicate"
-                what = f"{'exact' if same else 'near'} duplicate of {rows[first]['path']}"
-            rows[i].update(rule=rule, pair=first, reason="; ".join(filter(None, [what, rows[i]["reason"]])))
-
-
 def apply_rules(rows, p):
     """Set each ruled row's status by its rule's action; return the rows whose rule says fail."""
     failures = []
@@ -284,17 +153,6 @@ def assign_splits(rows, seed, val_fraction, holdout_fraction):
         r["split"] = r["split"] if r["status"] == "ok" else "none"
 
 
-def save_copy(rgb, cache_dir, sha, side):
-    """A decoded RGB copy, shorter side at most `side`: epochs decode this, not the full-size original."""
-    path = cache_dir / f"{sha[:24]}.jpg"
-    if not path.exists():
-        if side and min(rgb.size) > side:
-            scale = side / min(rgb.size)
-            rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.LANCZOS)
-        rgb.save(path, "JPEG", quality=95)
-    return path
-
-
 def layout_note(splits, p):
     """One line for the report: which folders gave which split, and what prepare carved."""
     if list(splits.values()) == [None]:
@@ -309,32 +167,31 @@ def layout_note(splits, p):
     return note
 
 
-def run(source, out_dir, p):
-    """Scan, clean and split `source`; write manifest.csv, report.md, images/ and pairs/ into `out_dir`."""
+def run(source, out_dir, p, cache=None):
+    """Scan, clean and split `source`; write manifest.csv, report.md, images/ and pairs/ into `out_dir`.
+    `cache`: a folder remembering each file's inspection between runs (re-runs decode only what changed)."""
     out_dir = Path(out_dir)
     note = layout_note(layout(source), p)
     files = scan(source)
     rows = []
     with atomic_dir(out_dir) as tmp:
-        rows, similar, n_similar = _prepare(files, tmp, out_dir, p)
+        rows, similar, n_similar = _prepare(files, tmp, out_dir, p, cache)
         (tmp / "report.md").write_text(report(rows, source, similar, n_similar, note), encoding="utf-8")
+    if cache:
+        Path(cache).mkdir(parents=True, exist_ok=True)                  # a DVC output even when nothing is in it
+        inspection.forget_others(cache, {r["key"] for r in rows})    # bounded: only what this run saw
     return rows
 
 
-def _prepare(files, tmp, out_dir, p):
+def _prepare(files, tmp, out_dir, p, cache=None):
     """The rows of every file, decided and split, with cached copies and pair pictures written under `tmp`."""
     (tmp / "images").mkdir()
     rows = []
-    for path, label, split in tqdm(files, desc="prepare: checking images", unit="img"):
-        row, rgb = inspect(path, p)
-        text, valid = safe_name(path)
-        if not valid:
-            row.update(rule="bad_name", reason="file name is not valid UTF-8 (shown with \\x escapes): rename it")
-            rgb = None
-        row.update(path=text, label=label, split=split, status="ok", cached="", picture=row["sha256"])
-        if rgb is not None:
-            cached = save_copy(rgb, tmp / "images", row["sha256"], p.cache_side)
-            row["cached"] = (out_dir / "images" / cached.name).as_posix()
+    checked = inspection.check_all([f for f, _, _ in files], p, tmp / "images", cache, p.workers)
+    for (_, label, split), row in zip(files, checked, strict=True):
+        name = f"{row['sha256'][:24]}.jpg"
+        row.update(label=label, split=split, status="ok", picture=row["sha256"],
+                   cached=(out_dir / "images" / name).as_posix() if row.pop("copy") else "")
         rows.append(row)
 
     def local(row):                                         # a cached copy, while it is still in `tmp`
@@ -428,9 +285,10 @@ def read_manifest(path, splits=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--cache", help="folder of per-file results kept between runs (dvc.yaml: persist: true)")
     args = ap.parse_args()
     p = load_section(Params, "prepare")
-    rows = run(p.source, args.out, p)
+    rows = run(p.source, args.out, p, args.cache and Path(args.cache))
     counts = Counter(r["split"] if r["status"] == "ok" else "set aside" for r in rows)
     print("prepare: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
           + f"; report: {Path(args.out) / 'report.md'}")

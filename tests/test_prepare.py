@@ -1,5 +1,7 @@
 import csv
+import dataclasses
 import fcntl
+import json
 import os
 import shutil
 import time
@@ -8,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import prepare
+from stages import inspection, prepare
 from stages.config import UserError
 from tests.conftest import make_image
+from tests.test_cleaning import dirty  # noqa: F401  (a fixture: one file for every cleaning case)
 
 
 def splits(rows):
@@ -91,7 +94,7 @@ def test_unreadable_files_and_bad_names_are_set_aside(tmp_path, folder, monkeypa
         if Path(path) == locked:
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *a, **k)
-    monkeypatch.setattr(prepare, "open", no_permission, raising=False)
+    monkeypatch.setattr(inspection, "open", no_permission, raising=False)
     rows = prepare.run(folder, tmp_path / "out", prepare.Params(source=str(folder)))
     aside = {r["path"].rsplit("/", 1)[1]: (r["rule"], r["reason"]) for r in rows if r["status"] == "dropped"}
     assert aside == {"gone.jpg": ("unreadable", "cannot be read: No such file or directory"),
@@ -166,3 +169,93 @@ def test_layouts_that_are_refused_say_what_was_found(tmp_path, folders, message)
         prepare.run(root, tmp_path / "out", prepare.Params(source=str(root)))
     if "holds folders" in message or "mixes" in message:
         assert "accepted layouts: <class>/<image>, or <split>/<class>/<image>" in str(e.value)
+
+
+def written(out):
+    """Every byte prepare wrote: manifest, report, cached copies and pair pictures."""
+    return {f.relative_to(out).as_posix(): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+
+
+def test_a_pool_and_its_cache_write_the_serial_runs_bytes(tmp_path, dirty, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    prepare.run(dirty, out, prepare.Params(source=str(dirty)))
+    serial = written(out)
+    assert any(k.startswith("pairs/") for k in serial) and len(serial) > 20      # every rule's case is there
+    p = prepare.Params(source=str(dirty), workers=2)
+    pools, real = [], inspection._on_pool
+    monkeypatch.setattr(inspection, "_on_pool", lambda *a: pools.append(a[2]) or real(*a))
+    prepare.run(dirty, out, p, cache)                                            # two processes, cold cache
+    assert written(out) == serial and pools == [2]
+    prepare.run(dirty, out, p, cache)                                            # warm cache
+    assert written(out) == serial
+
+
+def test_on_ray_the_manifest_is_the_serial_ones(tmp_path, split_folder, ray_local, monkeypatch):
+    out = tmp_path / "out"
+    prepare.run(split_folder, out, prepare.Params(source=""))
+    serial = written(out)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")          # ray_init reuses the session's local Ray
+    monkeypatch.setattr(inspection, "_on_pool", None)   # not the process pool
+    prepare.run(split_folder, out, prepare.Params(source="", workers=2), tmp_path / "cache")
+    assert written(out) == serial
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """Names of the files decoded (not answered from the cache), in this process."""
+    names, real = [], inspection._decode
+    monkeypatch.setattr(inspection, "_decode", lambda path, row, p: names.append(path.name) or real(path, row, p))
+    return names
+
+
+def test_a_rerun_decodes_only_new_or_changed_files_and_equals_a_fresh_run(tmp_path, split_folder, decoded):
+    out, cache, p = tmp_path / "out", tmp_path / "cache", prepare.Params(source="")
+    prepare.run(split_folder, out, p, cache)
+    assert len(decoded) == 28
+    decoded.clear()
+    make_image(split_folder / "train/red/new.jpg", (200, 40, 40), seed=77)           # added
+    make_image(split_folder / "train/blue/3.jpg", (40, 40, 200), seed=999)            # changed
+    (split_folder / "val/red/2.jpg").unlink()                                          # removed
+    prepare.run(split_folder, out, p, cache)
+    assert sorted(decoded) == ["3.jpg", "new.jpg"]
+    again = written(out)
+    prepare.run(split_folder, out, p)                                                   # from scratch
+    assert written(out) == again
+    assert len(list(cache.rglob("*.json"))) == 28                      # the removed file's entry is gone
+    decoded.clear()
+    prepare.run(split_folder, out, dataclasses.replace(p, near_distance=4, seed=3), cache)
+    assert decoded == []                                               # params read after inspection
+    for change in ({"cache_side": 24}, {"min_side": 20}, {"min_entropy": 1.0}, {"max_pixels": 10_000}):
+        decoded.clear()
+        rows = prepare.run(split_folder, out, dataclasses.replace(p, **change), cache)
+        assert len(decoded) == 28, change                              # results depend on them: all decoded
+    assert {r["width"] for r in rows} == {48}
+
+
+def test_a_damaged_cache_entry_is_decoded_again_not_trusted(tmp_path, split_folder, decoded):
+    out, cache, p = tmp_path / "out", tmp_path / "cache", prepare.Params(source="")
+    prepare.run(split_folder, out, p, cache)
+    fresh = written(out)
+    entries = sorted(cache.rglob("*.json"))
+    entries[0].write_bytes(entries[0].read_bytes()[:20])                              # cut short
+    meta = json.loads(entries[1].read_text())
+    meta["row"]["phash"] = "0" * 16                                                    # altered
+    entries[1].write_text(json.dumps(meta))
+    copy = entries[2].with_suffix(".jpg")
+    copy.write_bytes(copy.read_bytes()[:100])                                          # its copy cut short
+    meta = json.loads(entries[3].read_text())
+    meta["row"]["width"] = "48"                                                        # a wrong type, summed
+    meta["sum"] = inspection._summed(entries[3].stem, meta["row"], meta["copy"])
+    entries[3].write_text(json.dumps(meta))
+    (entries[4].parent / f".{entries[4].name}.1234.tmp").write_text("{")              # a write cut short
+    decoded.clear()
+    prepare.run(split_folder, out, p, cache)
+    assert len(decoded) == 4
+    assert written(out) == fresh
+    assert not list(cache.rglob(".*.tmp"))
+
+
+def test_workers_must_be_zero_or_more():
+    with pytest.raises(UserError, match="prepare.workers: -1 is not 0"):
+        prepare.Params(source="", workers=-1)
