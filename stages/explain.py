@@ -71,16 +71,16 @@ def chosen(ranked, n):
     return (wrong + unsure)[:n]
 
 
-def grad_cam(model, pp, picks, classes, device):
-    """(RGB crops in [0, 1], Grad-CAM overlays as uint8) of `picks`, each for the class the model predicted."""
+def grad_cam(model, pp, picks, classes, layer, device):
+    """(RGB crops in [0, 1], Grad-CAM overlays as uint8) of `picks` at the body's `layer`, each for the class
+    the model predicted."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     tf = presets.eval_transform(pp)
     x = torch.stack([tf(presets.load_rgb(r["cached"] or r["path"])) for r in picks]).to(device)
-    layer = model.body.get_submodule(target_layer(model.body, pp.input_size))
-    with GradCAM(model=model, target_layers=[layer]) as cam:
+    with GradCAM(model=model, target_layers=[model.body.get_submodule(layer)]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(classes.index(r["predicted"])) for r in picks])
     mean, std = torch.tensor(pp.mean)[:, None, None], torch.tensor(pp.std)[:, None, None]
     rgb = (x.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy().astype(np.float32)
@@ -116,8 +116,8 @@ def run(checkpoint, manifest, out_dir, p, device="cpu"):
     rows, _ = read_manifest(manifest, {"val"})
     logits, labels = predict(model, loader(rows, classes, presets.eval_transform(pp), p.batch_size), device)
     ranked = hardest(rows, logits.softmax(1).numpy(), labels.numpy(), classes)
-    picks = chosen(ranked, p.images)
-    rgb, overlays = grad_cam(model, pp, picks, classes, device) if picks else ([], [])
+    picks, layer = chosen(ranked, p.images), target_layer(model.body, pp.input_size)
+    rgb, overlays = grad_cam(model, pp, picks, classes, layer, device) if picks else ([], [])
     out = Path(out_dir)
     draw_cams(picks, rgb, overlays, out / "gradcam.png")
 
@@ -129,7 +129,7 @@ def run(checkpoint, manifest, out_dir, p, device="cpu"):
     atomic_write(out / "hardest.csv", write)
     metrics = {"val_images": len(rows), "misclassified": sum(r["actual"] != r["predicted"] for r in ranked),
                "most_confused": most_confused(ranked), "gradcam_images": [r["path"] for r in picks],
-               "gradcam_layer": target_layer(model.body, pp.input_size),
+               "gradcam_layer": layer,
                "seconds": round(time.perf_counter() - t0, 1)}
     atomic_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
