@@ -99,3 +99,10 @@ def test_the_pipeline_ends_with_the_report(reproduced):
     card = json.loads((repo / "outputs/deploy/card.json").read_text())
     assert f"shipped variant <b>{card['variant']}</b>" in dom
     assert "report: outputs/report/index.html: val accuracy" in out
+
+
+def test_the_shipped_sections_load():
+    from stages.config import load_section
+    from tests.conftest import ROOT
+    for cls, section in [(labels.Params, "labels"), (explain.Params, "explain"), (report.Params, "report")]:
+        assert load_section(cls, section, ROOT / "params.yaml") == cls()     # the dataclass defaults, as shipped
