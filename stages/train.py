@@ -229,12 +229,15 @@ def at_test_size(pp, size):
                                train_size=pp.train_size or pp.input_size)
 
 
-def run(manifest, out_dir, p, device="cpu"):
-    """Train on the manifest's train split, select on holdout; write model.pt and history.csv."""
+def run(manifest, out_dir, p, device="cpu", exclude=()):
+    """Train on the manifest's train split, select on holdout; write model.pt and history.csv. `exclude`:
+    image paths to leave out (the labels stage's suspects under `labels.label_issue: drop`)."""
     torch.manual_seed(p.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     train_rows, classes = read_manifest(manifest, {"train"})
     hold_rows, _ = read_manifest(manifest, {"holdout"})
+    exclude = set(exclude)
+    train_rows, hold_rows = ([r for r in rs if r["path"] not in exclude] for rs in (train_rows, hold_rows))
     if not train_rows or not hold_rows:
         raise UserError(f"{manifest}: train needs images in both the train and holdout splits")
     model, pp = backbones.create(p.backbone, p.weights, len(classes), p.dropout)
@@ -307,11 +310,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--exclude", help="a CSV whose `path` column lists images to leave out (labels stage)")
     args = ap.parse_args()
+    exclude = [r["path"] for r in csv.DictReader(open(args.exclude, newline=""))] if args.exclude else ()
     p = load_section(Params, "train")
     device = stage_device("train")
     print(f"train: {p.backbone} ({p.weights}), strategy {p.strategy}, device {device}")
-    result = run(args.manifest, args.out, p, device)
+    result = run(args.manifest, args.out, p, device, exclude)
     print(f"train: done in {result['seconds']} s")
 
 

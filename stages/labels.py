@@ -1,0 +1,159 @@
+"""labels: images that seem filed under the wrong class, found by confident learning (cleanlab).
+
+Out-of-sample class probabilities for every train and holdout image come from k-fold linear probes on the
+frozen backbone's features (the ones train's probe uses: same backbone, weights and test-size transform; the
+probe's C chosen by the same cross-validation), then `cleanlab.filter.find_label_issues` ranks the suspects.
+Val is scored by the probe fitted on train + holdout and reported, never dropped. The rule `label_issue`
+(keep | drop | fail, like prepare's rules) decides what train does with the train and holdout suspects:
+`exclude.csv` lists the ones to leave out (empty unless `drop`).
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from stages import backbones, presets, train  # noqa: E402
+from stages.config import UserError, atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
+from stages.prepare import read_manifest  # noqa: E402
+from stages.probe import choose_c, fit_probe, head_logits  # noqa: E402
+
+ACTIONS = ("keep", "drop", "fail")
+FIELDS = ["rank", "path", "split", "label", "suggested", "label_quality", "suggested_p", "action", "cached"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    label_issue: str = "keep"          # keep | drop | fail: what happens to train/holdout suspects
+    filter_by: str = "prune_by_noise_rate"   # cleanlab's confident-learning filter
+    grid: int = 16                     # suspects drawn in suspects.png
+
+    def __post_init__(self):
+        if self.label_issue not in ACTIONS:
+            raise UserError(f"labels.label_issue: '{self.label_issue}' is not one of {', '.join(ACTIONS)}")
+
+
+def features(rows, classes, tp, device):
+    """Frozen body features of `rows` at test size, the backbone built as train builds it (seed first)."""
+    torch.manual_seed(tp.seed)
+    model, pp = backbones.create(tp.backbone, tp.weights, len(classes), tp.dropout)
+    pp = train.at_test_size(pp, tp.test_size)
+    x, y, _ = train.probe_features(model.to(device), rows, classes, tp, device, [presets.eval_transform(pp)])
+    return x, y
+
+
+def softmax(x, w, b):
+    return head_logits(x, w, b).softmax(1).numpy().astype(np.float64)
+
+
+def out_of_sample(x, y, tp):
+    """(probabilities [n, k] from probes that never saw the row, C, report): k folds, C chosen like train's."""
+    from sklearn.model_selection import StratifiedKFold
+
+    c, cv = choose_c(x, y, np.arange(len(y)), tp)
+    probs = np.zeros((len(y), int(y.max()) + 1))
+    folds = max(2, min(tp.lp_folds, np.bincount(y).min()))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=tp.seed).split(x, y):
+        probs[te] = softmax(x[te], *fit_probe(x[tr], y[tr], c, tp.balance != "none"))
+    return probs, c, cv
+
+
+def ranked_issues(y, probs, filter_by):
+    """Indices of suspected mislabels, worst first (lowest probability of the given label)."""
+    from cleanlab.filter import find_label_issues
+
+    if len(np.unique(y)) < 2 or np.bincount(y).min() < 2:
+        return np.array([], dtype=int)
+    return find_label_issues(y, probs, filter_by=filter_by, return_indices_ranked_by="self_confidence",
+                             n_jobs=1)
+
+
+def issue_rows(rows, y, probs, idx, classes, action):
+    return [{"rank": k + 1, "path": rows[i]["path"], "split": rows[i]["split"], "label": classes[y[i]],
+             "suggested": classes[int(probs[i].argmax())], "label_quality": round(float(probs[i, y[i]]), 4),
+             "suggested_p": round(float(probs[i].max()), 4), "action": action, "cached": rows[i]["cached"]}
+            for k, i in enumerate(idx)]
+
+
+def draw_grid(issues, path, n):
+    """Thumbnails of the top `n` suspects: given -> suggested label and the probability of the given one."""
+    top = issues[:n]
+    cols = min(4, max(1, len(top)))
+    rows = max(1, -(-len(top) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, top):
+        ax.imshow(presets.load_rgb(r["cached"] or r["path"]))
+        ax.set_title(f"{r['split']} #{r['rank']}: {r['label']} -> {r['suggested']}\n"
+                     f"p(given) {r['label_quality']:.2f}", fontsize=8)
+    if not top:
+        axes[0, 0].text(0.5, 0.5, "no suspected label issues", ha="center", va="center")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    plt.close(fig)
+
+
+def write_csv(path, rows, fields):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(path, write)
+
+
+def run(manifest, out_dir, p, tp, device="cpu"):
+    """Rank suspected mislabels; write issues.csv, exclude.csv, suspects.png and metrics.json."""
+    t0 = time.perf_counter()
+    seen, classes = read_manifest(manifest, {"train", "holdout"})
+    val, _ = read_manifest(manifest, {"val"})
+    x, y = features(seen + val, classes, tp, device)
+    xs, ys, xv, yv = x[:len(seen)], y[:len(seen)], x[len(seen):], y[len(seen):]
+    probs, c, cv = out_of_sample(xs, ys, tp)
+    mine = ranked_issues(ys, probs, p.filter_by)
+    issues = issue_rows(seen, ys, probs, mine, classes, "drop" if p.label_issue == "drop" else "keep")
+    if len(val):
+        vprobs = softmax(xv, *fit_probe(xs, ys, c, tp.balance != "none"))
+        issues += issue_rows(val, yv, vprobs, ranked_issues(yv, vprobs, p.filter_by), classes, "report")
+    out = Path(out_dir)
+    write_csv(out / "issues.csv", issues, FIELDS)
+    write_csv(out / "exclude.csv", [r for r in issues if r["action"] == "drop"], ["path"])
+    draw_grid(issues, out / "suspects.png", p.grid)
+    metrics = {"rule": p.label_issue, "train_holdout_images": len(seen), "suspects": len(mine),
+               "dropped": sum(r["action"] == "drop" for r in issues), "val_images": len(val),
+               "val_suspects": len(issues) - len(mine), "lp_c": c,
+               "oof_accuracy": round(float((probs.argmax(1) == ys).mean()), 4), "cv_folds": cv["cv_folds"],
+               "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if p.label_issue == "fail" and mine.size:
+        raise UserError(f"{len(mine)} train/holdout image(s) look mislabelled (labels.label_issue: fail): "
+                        f"see {out / 'issues.csv'} and {out / 'suspects.png'}")
+    return metrics, issues
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    metrics, issues = run(args.manifest, args.out, load_section(Params, "labels"),
+                          load_section(train.Params, "train"), stage_device("train"))
+    print(f"labels: {metrics['suspects']} suspected mislabels of {metrics['train_holdout_images']} train/holdout "
+          f"images ({metrics['dropped']} dropped, rule {metrics['rule']}), {metrics['val_suspects']} of "
+          f"{metrics['val_images']} in val; {metrics['seconds']} s; list: {Path(args.out) / 'issues.csv'}")
+    for r in issues[:10]:
+        print(f"  {r['split']} {r['path']}: filed as {r['label']}, looks like {r['suggested']} "
+              f"(p {r['label_quality']:.2f})")
+
+
+if __name__ == "__main__":
+    cli(main)
