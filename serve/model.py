@@ -2,7 +2,8 @@
 session, and untrusted image bytes turned into network input by `stages.presets` (never by code of its own).
 
 Torch-free: it imports the library's numpy/Pillow/ONNX Runtime part only (`stages.presets`, `stages.runtime`,
-`stages.trust`, `stages.card`, `stages.config`), never a stage, so the serving image installs no torch, torchvision or timm.
+`stages.trust`, `stages.card`, `stages.config`), never a stage, so the serving image installs no torch,
+torchvision or timm.
 """
 import dataclasses
 import io
