@@ -192,7 +192,8 @@ def run(checkpoint, card_path, manifest, out_dir, p):
     syn = synthetic(p.synthetic_images, p.seed)
     syn_x = {k: torch.stack([tf(im) for im in v]) for k, v in syn.items()}
     e_val = trust.energy(logits, fitted.temperature)
-    e_syn = {k: trust.energy(onnx_logits(sess, v, p.batch_size), fitted.temperature) for k, v in syn_x.items()}
+    z_syn = {k: onnx_logits(sess, v, p.batch_size) for k, v in syn_x.items()}
+    e_syn = {k: trust.energy(z, fitted.temperature) for k, z in z_syn.items()}
     train_f, train_y = probe_features(model, train_rows, classes, p, "cpu", [tf])[:2]
     train_f, train_y = torch.from_numpy(train_f).float(), train_y
     k_val = knn_scores(train_f, torch.from_numpy(train_y), val_f, p.knn_k)
@@ -203,9 +204,8 @@ def run(checkpoint, card_path, manifest, out_dir, p):
                 "synthetic_energy_auroc": auroc(e_val, np.concatenate(list(e_syn.values()))),
                 **{f"synthetic_energy_auroc_{k}": auroc(e_val, v) for k, v in e_syn.items()},
                 **{f"synthetic_flagged_ood_{k}": v for k, v in flagged.items()},
-                "synthetic_abstained": round(float(np.mean([r is not None for v in syn_x.values() for r in
-                                                            trust.decide(onnx_logits(sess, v, p.batch_size),
-                                                                         fitted)[1]])), 4),
+                "synthetic_abstained": round(float(np.mean([r is not None for z in z_syn.values()
+                                                            for r in trust.decide(z, fitted)[1]])), 4),
                 "val_flagged_ood": round(float(np.mean(e_val > fitted.ood_energy_above)), 4),
                 "synthetic_knn_auroc": auroc(k_val, k_syn),
                 "left_out_class": left_out_class(train_f, train_y, val_f, labels, classes, ckpt, p.knn_k)}

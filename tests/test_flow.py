@@ -58,10 +58,10 @@ def last_flow_run(env):
 
 def test_stage_order_comes_from_dvc():
     order = stage_order(ROOT)
-    assert set(order) == {"prepare", "validate", "train", "export", "evaluate", "prune", "deploy", "triton"}
+    assert set(order) == {"prepare", "validate", "train", "export", "evaluate", "prune", "deploy", "triton", "trust"}
     for before, after in [("prepare", "validate"), ("validate", "train"), ("train", "export"),
                           ("export", "evaluate"), ("train", "prune"), ("prune", "deploy"), ("export", "deploy"),
-                          ("deploy", "triton")]:
+                          ("deploy", "triton"), ("deploy", "trust")]:
         assert order.index(before) < order.index(after), (before, after, order)
 
 
