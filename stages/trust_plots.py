@@ -41,8 +41,8 @@ def risk_coverage(curve, point, path):
     ax.plot([r["coverage"] for r in curve], [r["risk"] for r in curve], lw=1.5, label="val, most confident first")
     if point["answered"]:
         lo, hi = point["accuracy_ci95"]
-        ax.errorbar(point["coverage"], 1 - point["accuracy_answered"], yerr=[[point["accuracy_answered"] - lo],
-                    [hi - point["accuracy_answered"]]], fmt="r*", ms=12, capsize=4,
+        acc = point["accuracy_answered"]              # risk 1 - acc: its interval is [1 - hi, 1 - lo]
+        ax.errorbar(point["coverage"], 1 - acc, yerr=[[hi - acc], [acc - lo]], fmt="r*", ms=12, capsize=4,
                     label=f"served threshold: {point['answered']}/{point['val_images']} answered")
     if point.get("target_accuracy"):
         ax.axhline(1 - point["target_accuracy"], ls="--", c="grey", lw=1, label="target risk")
