@@ -1,7 +1,19 @@
 """serve: the deploy model as an HTTP service on ONNX Runtime, with dynamic micro-batching.
 
 POST /predict takes one image (raw body, Content-Type image/*) or several (multipart/form-data, one part per
-image) and answers the top-k classes with softmax probabilities. GET /healthz, /readyz, /metadata, /metrics.
+image) and answers, per image in order, the top-k classes with calibrated probabilities (softmax of the logits
+over the model's temperature) and whether the model abstains:
+
+    {"predictions": [{"filename": "a.jpg" | null, "top_k": [{"class": "ants", "probability": 0.97}, ...],
+                      "abstained": false, "reason": null}, ...],
+     "model": {"variant": ..., "sha256": ...}}
+
+"abstained" is true, with "reason" "out_of_distribution" (energy score over the model's threshold: probably not
+an image of any class) or "low_confidence" (top probability under the abstention threshold), when the answer
+should not be trusted; top_k is given all the same, so clients that ignore the two fields see today's answers.
+The temperature and thresholds come from the ONNX metadata (the deploy stage fits them; see stages/trust.py,
+and GET /metadata's "trust"); a model without them never abstains. Abstentions are counted by reason in
+/metrics (serve_abstentions_total). GET /healthz, /readyz, /metadata, /metrics.
 With SERVE_API_KEY set in the environment, /predict needs the header X-API-Key (an empty key is refused at start
 unless SERVE_API_KEY_DISABLED=1). The model is the one the model card names, and the service refuses to start if
 the file's SHA-256 differs from the card's. serve/server.py runs it behind nginx.
@@ -18,6 +30,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+import numpy as np
 import prometheus_client as prom
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -30,9 +43,10 @@ from starlette.routing import Route
 
 from serve.batcher import Batcher
 from serve.decode import Decoder
-from serve.model import InputError, Model, Params, softmax, top_k
+from serve.model import InputError, Model, Params, top_k
 from serve.server import Server
 from stages.config import UserError, cli, load_section
+from stages.trust import REASONS
 
 API_KEY_ENV = "SERVE_API_KEY"
 NO_KEY_ENV = "SERVE_API_KEY_DISABLED"            # "1": an empty SERVE_API_KEY means no key, on purpose
@@ -60,6 +74,10 @@ class Metrics:
         self.infer = prom.Histogram("serve_inference_seconds", "ONNX Runtime call latency", registry=r)
         self.images = prom.Counter("serve_images", "images classified", registry=r)
         self.errors = prom.Counter("serve_errors", "failed requests by kind", ["kind"], registry=r)
+        self.abstentions = prom.Counter("serve_abstentions", "images answered with abstained: true, by reason",
+                                        ["reason"], registry=r)
+        for reason in REASONS:                  # at 0 from the start: a rate needs the series to exist
+            self.abstentions.labels(reason)
         info = prom.Info("serve_model", "the model being served", registry=r)
         info.info({"variant": str(model.card["variant"]), "sha256": model.card["sha256"],
                    "git_rev": str(model.card.get("git_rev", "")), "dvc_md5": str(model.card.get("dvc_md5", ""))})
@@ -200,8 +218,12 @@ def create_app(card_path, p):
         del images
         logits = await asyncio.gather(*(batcher.submit(x) for x in arrays))
         metrics.images.inc(len(logits))
-        return JSONResponse({"predictions": [{"filename": n, "top_k": top_k(softmax(row), model.classes, k)}
-                                             for n, row in zip(names, logits)], "model": served_by})
+        probs, reasons = model.decide(np.stack(logits))
+        for r in filter(None, reasons):
+            metrics.abstentions.labels(r).inc()
+        return JSONResponse({"predictions": [{"filename": n, "top_k": top_k(pr, model.classes, k),
+                                              "abstained": r is not None, "reason": r}
+                                             for n, pr, r in zip(names, probs, reasons)], "model": served_by})
 
     async def predict(request):
         # the raw header bytes against the key's UTF-8 bytes: one encoding on both sides

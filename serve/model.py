@@ -2,7 +2,8 @@
 session, and untrusted image bytes turned into network input by `stages.presets` (never by code of its own).
 
 Torch-free: it imports the library's numpy/Pillow/ONNX Runtime part only (`stages.presets`, `stages.runtime`,
-`stages.card`, `stages.config`), never a stage, so the serving image installs no torch, torchvision or timm.
+`stages.trust`, `stages.card`, `stages.config`), never a stage, so the serving image installs no torch,
+torchvision or timm.
 """
 import dataclasses
 import io
@@ -10,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages import presets, runtime
+from stages import presets, runtime, trust
 from stages.card import read_card
 from stages.config import UserError
 
@@ -63,8 +64,8 @@ class InputError(Exception):
 
 
 class Model:
-    """A card's model: ONNX Runtime sessions (batch 1 and dynamic), class names and preprocessing from the ONNX
-    metadata."""
+    """A card's model: ONNX Runtime sessions (batch 1 and dynamic), class names, preprocessing and the trust
+    settings (temperature, abstention and out-of-distribution thresholds) from the ONNX metadata."""
 
     def __init__(self, card_path, threads):
         self.card = read_card(card_path)
@@ -79,6 +80,17 @@ class Model:
         except KeyError as e:
             raise UserError(f"{self.card['model']} lacks the metadata {e} that stages.export writes") from None
         self.transform = presets.eval_transform(self.pp).array    # numpy out: no torch
+        self.trust = trust.Trust.from_metadata(self.sess.get_modelmeta().custom_metadata_map)
+
+    def probabilities(self, logits):
+        """(n, classes) logits -> calibrated probabilities (softmax at the model's temperature), float64: the
+        one probability path of the server and batch prediction."""
+        return trust.probabilities(logits, self.trust.temperature)
+
+    def decide(self, logits):
+        """(probabilities, reasons) for (n, classes) logits: reasons[i] None (answered), "out_of_distribution"
+        or "low_confidence" (see `stages.trust.decide`)."""
+        return trust.decide(logits, self.trust)
 
     def info(self):
         """What a client may know: no file paths."""
@@ -86,7 +98,8 @@ class Model:
         return {"classes": self.classes, "variant": self.card["variant"], "backbone": meta.get("backbone"),
                 "version": {"git_rev": self.card.get("git_rev"), "dvc_md5": self.card.get("dvc_md5"),
                             "sha256": self.card["sha256"]},
-                "input_size": self.pp.input_size, "preprocessing": dataclasses.asdict(self.pp)}
+                "input_size": self.pp.input_size, "preprocessing": dataclasses.asdict(self.pp),
+                "trust": {k: v if np.isfinite(v) else None for k, v in dataclasses.asdict(self.trust).items()}}
 
 
 def open_image(data, max_pixels):
@@ -127,6 +140,8 @@ def preprocess(data, transform, max_pixels):
 
 
 def softmax(logits):
+    """Plain softmax (temperature 1); the served probabilities are `Model.probabilities`, which applies the
+    model's temperature."""
     z = logits.astype(np.float64)
     e = np.exp(z - z.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)

@@ -3,6 +3,13 @@
 Writes <out>/<model_name>/config.pbtxt (ONNX Runtime backend, dynamic batching, CPU instances), the model as
 <out>/<model_name>/1/model.onnx and the class names as labels.txt. Names, types and dims come from the ONNX
 graph. Triton does no preprocessing: clients send what `stages.presets.eval_transform` makes (in `parameters`).
+
+The client contract for trust (the graph is the deploy model's, unchanged: it outputs raw logits). The config's
+`parameters` carry "trust", the JSON the deploy stage fitted (`stages.trust.Trust`): {"temperature": T,
+"abstain_below": a, "ood_energy_above": e}. A client that wants what the HTTP service answers computes, per row
+of `logits` z: probabilities softmax(z / T); energy -T * logsumexp(z / T); "out_of_distribution" if energy > e,
+else "low_confidence" if max probability < a, else answered. `stages.trust.decide` is that arithmetic in
+numpy (no torch) and takes `Trust.from_metadata({"trust": <the parameter's string>})`.
 """
 import argparse
 import json
@@ -10,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from serve.model import Params
-from stages import runtime
+from stages import runtime, trust
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section, sha256
 
 TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64",
@@ -37,7 +44,9 @@ def preferred_sizes(max_batch_size):
 
 def config(name, sess, classes, pp, digest, max_batch_size, max_queue_delay_us, instances, threads):
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
-    params = {"preprocessing": pp.to_json(), "sha256": digest, "intra_op_thread_count": str(threads)}
+    fitted = trust.Trust.from_metadata(sess.get_modelmeta().custom_metadata_map)
+    params = {"preprocessing": pp.to_json(), "sha256": digest, "intra_op_thread_count": str(threads),
+              "trust": fitted.to_json()}
     parameters = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}'
                            for k, v in params.items())
     ins = ",\n".join(tensor(n) for n in inputs)

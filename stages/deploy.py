@@ -35,13 +35,13 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from stages import presets, prune, quantize, runtime, timing  # noqa: E402
+from stages import presets, probe, prune, quantize, runtime, timing, trust  # noqa: E402
 from stages.card import write_card  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section, typed  # noqa: E402
 from stages.evaluate import scores  # noqa: E402
 from stages.export import parity, predict_onnx, to_onnx  # noqa: E402
 from stages.prepare import read_manifest  # noqa: E402
-from stages.train import load_model, loader, predict  # noqa: E402
+from stages.train import load_model, loader, predict, probe_features  # noqa: E402
 
 BASELINE, FALLBACK = "pytorch_fp32", "onnx_fp32"
 # card facts kept out of the ONNX file's metadata: they change from run to run (timings, the git revision) or
@@ -71,6 +71,7 @@ class Params:
     exclude_worst: int = 2             # every try failed: once more, this many worst module scopes in FP32
     diagnose: bool = True              # INT8 under the agreement budget: name the module scopes to blame
     seed: int = 0
+    trust: dict = dataclasses.field(default_factory=dict)   # stages.trust.Targets' fields
 
     def __post_init__(self):
         if not isinstance(self.budget, Budget):
@@ -80,6 +81,11 @@ class Params:
             except TypeError as e:
                 raise UserError(f"deploy.budget: {e}") from None
         object.__setattr__(self, "tries", tuple(self.tries) or ({},))
+        if not isinstance(self.trust, trust.Targets):
+            try:
+                object.__setattr__(self, "trust", trust.Targets(**typed(trust.Targets, self.trust, "deploy.trust")))
+            except (TypeError, ValueError) as e:
+                raise UserError(f"deploy.trust: {e}") from None
         for t in self.tries:
             quantize.settings(self.int8, t)    # a misspelt key or value fails before any work
 
@@ -205,14 +211,33 @@ def measure(model, classes, files, val, p):
     return table, logits
 
 
+def heldout_logits(model, ckpt, chosen_file, hold, rows, classes, p):
+    """(logits, labels) of images the shipped model was not fitted on, for `trust.fit`: the chosen file's on
+    holdout; but a probe refitted on train + holdout (the probe kept) has seen holdout, and its holdout logits
+    are overconfident, so then out-of-fold probe logits over train + holdout on the frozen body, at train's C and
+    folds (PyTorch: the FP32 ONNX file's to 1e-5; an INT8 file's differ by its rounding)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    sel, tp = ckpt.get("selection", {}), ckpt["params"]
+    if sel.get("kept") != "linear_probe":
+        return predict_onnx(runtime.session(chosen_file, p.threads), hold)
+    x, y, _ = probe_features(model, rows, classes, p, "cpu", [presets.eval_transform(
+        presets.Preprocessing.from_json(ckpt["preprocessing"]))])
+    folds, out = min(tp["lp_folds"], np.bincount(y).min()), np.zeros((len(y), len(classes)), np.float32)
+    for tr, te in StratifiedKFold(max(folds, 2), shuffle=True, random_state=tp["seed"]).split(x, y):
+        w, b = probe.fit_probe(x[tr], y[tr], sel.get("lp_c", 1.0), tp["balance"] != "none")
+        out[te] = probe.head_logits(x[te], w, b).numpy()
+    return torch.from_numpy(out), torch.from_numpy(y)
+
+
 def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
     """Build, score, time, choose; write model.onnx, card.json, variants.json/.csv, tradeoff.png, report.json."""
     model, classes, pp = load_model(checkpoint)
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    (val, _), (hold, _), (train, _) = (read_manifest(manifest, {s}) for s in ("val", "holdout", "train"))
-    if not val or not hold or not train:
+    (val, _), (hold_rows, _), (train, _) = (read_manifest(manifest, {s}) for s in ("val", "holdout", "train"))
+    if not val or not hold_rows or not train:
         raise UserError(f"{manifest}: deploy needs images in the train, holdout and val splits")
-    n_val, val, hold = len(val), tensors(val, classes, pp, p.batch_size), tensors(hold, classes, pp, p.batch_size)
+    n_val, val, hold = len(val), tensors(val, classes, pp, p.batch_size), tensors(hold_rows, classes, pp, p.batch_size)
     n_cal = max(quantize.settings(p.int8, t).calibration_size for t in p.tries)
     cal_rows = quantize.calibration_rows(train, n_cal, p.seed)
     cal_x = torch.cat([x for x, _ in tensors(cal_rows, classes, pp, p.batch_size)]).numpy()
@@ -220,6 +245,8 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
         files, int8 = variants(checkpoint, onnx_path, pruned, Path(work), cal_rows, cal_x, hold, p)
         table, logits = measure(model, classes, files, val, p)
         chosen, reasons = select(table, p.budget)
+        fitted, fit = trust.fit(*(t.numpy() for t in heldout_logits(model, ckpt, files[chosen], hold,
+                                                                    train + hold_rows, classes, p)), p.trust)
         for n, v in table.items():
             v.update(within_budget=int(n == chosen or reasons[n].startswith("within")), chosen=int(n == chosen))
         for n, rec in int8.items():            # what quantization alone costs, against its own FP32 source
@@ -233,7 +260,7 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
                 "quantization": int8.get(chosen, {}).get("settings"), "git_rev": git_rev(),
                 "params": {"train": ckpt["params"], "deploy": dataclasses.asdict(p), "prune": (
                     torch.load(pruned, weights_only=True)["pruning"]["params"] if "pruned" in chosen else None)},
-                "onnxruntime": ort.__version__,
+                "onnxruntime": ort.__version__, "trust": {**dataclasses.asdict(fitted), "fit": fit},
                 "metrics": {k: table[chosen][k] for k in ("accuracy", "agreement", "latency_ms_p50",
                                                           "throughput_b1", "speedup_b1")}}
         report = {"chosen": chosen, "reasons": reasons, "budget": dataclasses.asdict(p.budget),
@@ -248,14 +275,7 @@ def write(out_dir, chosen_file, card, table, reasons, report):
     """The chosen ONNX file with the card's facts in its metadata, then the card (with its SHA-256), the
     variant table as JSON (for `dvc metrics`) and CSV, the trade-off plot and the selection report."""
     with atomic_dir(out_dir) as tmp:
-        m = onnx.load(str(chosen_file))
-        card["opset"] = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-        facts = {k: v if isinstance(v, str) else json.dumps(v) for k, v in card.items() if k not in MEASURED}
-        props = {e.key: e.value for e in m.metadata_props} | facts
-        del m.metadata_props[:]
-        for k, v in props.items():
-            m.metadata_props.add(key=k, value=v)
-        onnx.save(m, str(tmp / "model.onnx"))
+        ship(chosen_file, tmp / "model.onnx", card)
         card.update(write_card(tmp / "card.json", card, file=tmp / "model.onnx"))
         (tmp / "variants.json").write_text(json.dumps(table, indent=2) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -265,6 +285,18 @@ def write(out_dir, chosen_file, card, table, reasons, report):
             w.writerow(["variant", *cols, "reason"])
             w.writerows([n, *(v[c] for c in cols), reasons[n]] for n, v in table.items())
         plot(table, card["variant"], report["budget"], tmp / "tradeoff.png")
+
+
+def ship(chosen_file, path, card):
+    """`chosen_file` to `path` with the card's facts (all but MEASURED) in its metadata; sets card["opset"]."""
+    m = onnx.load(str(chosen_file))
+    card["opset"] = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    facts = {k: v if isinstance(v, str) else json.dumps(v) for k, v in card.items() if k not in MEASURED}
+    props = {e.key: e.value for e in m.metadata_props} | facts
+    del m.metadata_props[:]
+    for k, v in props.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(path))
 
 
 def plot(table, chosen, budget, path):

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from stages import deploy, export, presets, prune, quantize, runtime
+from stages import deploy, export, presets, prune, quantize, runtime, trust
 from stages.config import UserError
 from stages.prepare import read_manifest
 from stages.train import loader
@@ -86,6 +86,9 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     assert json.loads(meta["params"])["deploy"]["budget"]["min_speedup"] == 1000.0 and meta["opset"] == "17"
     assert runtime.metadata(runtime.session(out / "model.onnx"))[0] == ["blue", "red"]   # what the server reads
     assert not {"git_rev", "metrics", "reason", "sha256"} & set(meta)       # run-to-run facts stay in the card
+    fitted = trust.Trust.from_metadata(runtime.session(out / "model.onnx").get_modelmeta().custom_metadata_map)
+    assert json.loads(meta["trust"]) == card["trust"] and fitted.temperature == card["trust"]["temperature"] > 0
+    assert card["trust"]["fit"]["images"] > 0 and card["trust"]["fit"]["target_accuracy"] == 0.99
     for d, facts in (("w1", {}), ("w2", {"git_rev": "f" * 40, "reason": "chosen, 9.9x", "metrics": {"x": 1}})):
         deploy.write(tmp_path / d, onnx_path, {**card, **facts}, variants, report["reasons"], report)
     assert (tmp_path / "w1/model.onnx").read_bytes() == (tmp_path / "w2/model.onnx").read_bytes()

@@ -59,10 +59,10 @@ def last_flow_run(env):
 def test_stage_order_comes_from_dvc():
     order = stage_order(ROOT)
     assert set(order) == {"prepare", "validate", "labels", "train", "export", "evaluate", "prune", "deploy", "triton",
-                          "explain", "report"}
+                          "trust", "explain", "report"}
     for before, after in [("prepare", "validate"), ("validate", "labels"), ("labels", "train"), ("train", "export"),
                           ("export", "evaluate"), ("train", "prune"), ("prune", "deploy"), ("export", "deploy"),
-                          ("deploy", "triton")]:
+                          ("deploy", "triton"), ("deploy", "trust")]:
         assert order.index(before) < order.index(after), (before, after, order)
 
 

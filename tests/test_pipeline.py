@@ -14,7 +14,7 @@ GIT = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
 
 def test_repro_builds_a_verified_model_and_caches_it(reproduced):
     repo, out = reproduced
-    for stage in ("prepare", "validate", "train", "export", "evaluate", "prune", "deploy", "triton"):
+    for stage in ("prepare", "validate", "train", "export", "evaluate", "prune", "deploy", "triton", "trust"):
         assert f"Running stage '{stage}'" in out
     card = json.loads((repo / "outputs/deploy/card.json").read_text())
     assert card["sha256"] == hashlib.sha256((repo / "outputs/deploy/model.onnx").read_bytes()).hexdigest()
@@ -30,7 +30,9 @@ def test_repro_builds_a_verified_model_and_caches_it(reproduced):
     assert json.loads((repo / "outputs/validate/summary.json").read_text())["success"] is True
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "repro").stdout
     shown = sh(repo, "dvc", "metrics", "show", "--json").stdout
-    assert '"accuracy"' in shown and "top1_agreement" in shown
+    assert '"accuracy"' in shown and "top1_agreement" in shown and "synthetic_energy_auroc" in shown
+    trusted = json.loads((repo / "outputs/trust/metrics.json").read_text())
+    assert trusted["temperature"] == card["trust"]["temperature"] and trusted["val_images"] == 2 * MINI["val"]
 
 
 def test_changing_a_train_param_reruns_train_not_prepare(clone):

@@ -381,6 +381,74 @@ def test_predict_folder_writes_every_file_and_matches_offline(card, tmp_path):
         assert abs(float(r["probability"]) - p.max()) < 1e-5 and len(json.loads(r["top_k"])) == 1
 
 
+@pytest.fixture(scope="module")
+def trusted(card, tmp_path_factory):
+    """The tiny model shipped as the deploy stage ships it: trust fitted on its held-out (out-of-fold) logits
+    and written into the ONNX metadata (`deploy.ship`), with its card."""
+    from stages import deploy, trust
+    d, ckpt_path = tmp_path_factory.mktemp("trusted"), card.parent.parent / "train" / "model.pt"
+    manifest = card.parent.parent / "prepare" / "manifest.csv"
+    model, classes, pp = train.load_model(ckpt_path)
+    (hold, _), (tr, _) = prepare.read_manifest(manifest, {"holdout"}), prepare.read_manifest(manifest, {"train"})
+    p = deploy.Params(batch_size=8)
+    logits, labels = deploy.heldout_logits(model, torch.load(ckpt_path, weights_only=True), card.parent / "model.onnx",
+                                           deploy.tensors(hold, classes, pp, 8), tr + hold, classes, p)
+    fitted, _ = trust.fit(logits.numpy(), labels.numpy(), p.trust)
+    facts = {"model": (d / "model.onnx").as_posix(), "variant": "onnx_fp32", "trust": dataclasses.asdict(fitted)}
+    deploy.ship(card.parent / "model.onnx", d / "model.onnx", facts)
+    return write_card(d / "card.json", d / "model.onnx", trust=facts["trust"]), fitted
+
+
+def test_noise_and_a_flat_colour_are_flagged_a_val_image_is_not_and_abstentions_are_counted(trusted):
+    """The tiny colour model's two logits are +-z (see stages/trust.py), so the energy is -|z|: its held-out
+    images, a red or blue mean under pixel noise, sit at |z| ~ 6; uniform noise and flat grey, between the
+    classes, at ~ 3.5 and ~ 4 (measured), above the threshold fitted on holdout."""
+    from stages import trust
+    card_path, fitted = trusted
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    images = {"val.jpg": encode(COLORS["red"], (48, 40), "JPEG", seed=1234),
+              "noise.png": png_bytes(noise),
+              "grey.png": png_bytes(Image.new("RGB", (50, 50), (128, 128, 128)))}
+    with LiveServer(serve_app.create_app(card_path, PARAMS)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/metadata").json()["trust"] == dataclasses.asdict(fitted)
+        r = c.post("/predict", **multipart([(n, d, "image/png") for n, d in images.items()]))
+        assert r.status_code == 200, r.text
+        got = {p["filename"]: p for p in r.json()["predictions"]}
+        assert got["val.jpg"]["abstained"] is False and got["val.jpg"]["reason"] is None
+        for name in ("noise.png", "grey.png"):
+            assert got[name]["abstained"] is True and got[name]["reason"] in trust.REASONS, got[name]
+            assert len(got[name]["top_k"]) == 2                      # the answer is still there
+        m = metrics(c)
+        counted = sum(m[("serve_abstentions_total", (("reason", r),))] for r in trust.REASONS)
+        assert counted == 2
+    # the served probabilities are the offline logits at the model's temperature, through Model.probabilities
+    sess = runtime.session(json.loads(card_path.read_text())["model"])
+    t = presets.eval_transform(runtime.metadata(sess)[1])
+    x = np.stack([t.array(presets.load_rgb(io.BytesIO(d))) for d in images.values()])
+    probs = trust.probabilities(sess.run(None, {runtime.INPUT: x})[0], fitted.temperature)
+    for name, p in zip(images, probs):
+        check_prediction(got[name], ["blue", "red"], p)
+
+
+def test_model_probabilities_apply_the_metadata_temperature(card, tmp_path):
+    from serve.model import Model
+    from stages import deploy, trust
+    facts = {"model": (tmp_path / "model.onnx").as_posix(), "variant": "onnx_fp32",
+             "trust": {"temperature": 2.5, "abstain_below": 0.9, "ood_energy_above": -2.0}}
+    deploy.ship(card.parent / "model.onnx", tmp_path / "model.onnx", facts)
+    m = Model(write_card(tmp_path / "card.json", tmp_path / "model.onnx"), 1)
+    z = np.array([[3.0, -3.0], [0.2, -0.2], [0.1, 0.6]])
+    assert np.allclose(m.probabilities(z), np.exp(z / 2.5) / np.exp(z / 2.5).sum(1, keepdims=True))
+    assert m.decide(z)[1] == [None, "out_of_distribution", "low_confidence"]   # energies -3.2, -1.7, -2.1
+    assert Model(card, 1).trust == trust.Trust()          # no metadata: plain softmax, never abstains
+
+
+def png_bytes(im):
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
 def parse_pbtxt(text):
     """protobuf text format -> {field: [values]} (nested messages as dicts); raises on malformed text."""
     tokens = re.findall(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+', text)
@@ -434,6 +502,7 @@ def test_triton_repository_matches_the_onnx_graph(card, tmp_path):
     assert cfg["instance_group"] == [{"count": [1], "kind": ["KIND_CPU"]}]
     params = {p["key"][0]: p["value"][0]["string_value"][0] for p in cfg["parameters"]}
     assert params["intra_op_thread_count"] == "1" and presets.Preprocessing.from_json(params["preprocessing"]) == pp
+    assert json.loads(params["trust"]) == {"temperature": 1.0, "abstain_below": 0.0, "ood_energy_above": None}
 
 
 def dockerfile():

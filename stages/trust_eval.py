@@ -1,0 +1,267 @@
+"""trust: how far the shipped model's answers can be trusted, on the untouched val split.
+
+Calibration (ECE, NLL, Brier before and after the deploy stage's temperature; a reliability diagram), abstention
+(a risk-coverage curve and the chosen threshold's point, with a Wilson interval), out-of-distribution detection
+(AUROC of the shipped energy score against generated inputs, and against a class left out), and robustness
+(val accuracy under corruptions at 3 severities, PyTorch and the deploy model, relative to clean). The fitted
+values themselves come from the deploy model's metadata (`stages.trust`); nothing here is fitted on val.
+"""
+import argparse
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision.transforms import v2 as T  # noqa: E402
+from torchvision.transforms.v2 import functional as TF  # noqa: E402
+
+from stages import presets, probe, runtime, trust  # noqa: E402
+from stages.config import UserError, atomic_dir, cli, load_section  # noqa: E402
+from stages.prepare import read_manifest  # noqa: E402
+from stages.quantize import calibration_rows  # noqa: E402
+from stages.train import load_model, loader, predict, probe_features  # noqa: E402
+
+# name -> (function of a float [0, 1] batch and a severity, the 3 severities, mild to strong); on the network's
+# 256 px view, after the eval transform's resize and crop, so a severity means the same on every image size
+CORRUPTIONS = {
+    "gaussian_noise": (lambda x, s: TF.gaussian_noise(x, sigma=s, clip=True), (0.04, 0.08, 0.16)),
+    "blur": (lambda x, s: TF.gaussian_blur(x, [2 * round(2 * s) + 1] * 2, [s, s]), (1.0, 2.0, 4.0)),
+    "jpeg": (lambda x, s: TF.to_dtype(TF.jpeg(TF.to_dtype(x, torch.uint8, scale=True), s), torch.float32,
+                                      scale=True), (30, 12, 5)),
+    "brightness": (lambda x, s: TF.adjust_brightness(x, s), (1.3, 1.6, 2.0)),
+    "contrast": (lambda x, s: TF.adjust_contrast(x, s), (0.6, 0.4, 0.2)),
+    "pixelate": (lambda x, s: TF.resize(TF.resize(x, [round(x.shape[-1] * s)] * 2, antialias=True),
+                                        list(x.shape[-2:]), T.InterpolationMode.NEAREST), (0.5, 0.3, 0.15)),
+}
+SYNTHETIC = ("noise", "flat", "gradient", "tiny")
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    batch_size: int = 32
+    threads: int = 2                   # ONNX Runtime and PyTorch intra-op threads
+    bins: int = 10                     # confidence bins of the ECE and the reliability diagram
+    synthetic_images: int = 16         # generated out-of-distribution images per kind (SYNTHETIC)
+    corruption_images: int = 64        # val images (stratified, seeded) each corruption is applied to; 0: all
+    knn_k: int = 5                     # neighbours of the feature-space (KNN) detector reported beside energy
+    seed: int = 0
+
+
+def synthetic(n, seed):
+    """{kind: [PIL images]}: noise, flat colours, gradients and tiny images (2-8 px) that preprocessing scales
+    up, in random sizes: none is an image of any class."""
+    from PIL import Image
+    rng, out = np.random.default_rng(seed), {k: [] for k in SYNTHETIC}
+    for _ in range(n):
+        w, h = rng.integers(32, 640, 2)
+        out["noise"].append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        out["flat"].append(np.broadcast_to(rng.integers(0, 256, 3, dtype=np.uint8), (h, w, 3)))
+        a, b, t = rng.integers(0, 256, 3), rng.integers(0, 256, 3), np.linspace(0, 1, w)[None, :, None]
+        out["gradient"].append(np.broadcast_to(a + (b - a) * t, (h, w, 3)).astype(np.uint8))
+        out["tiny"].append(rng.integers(0, 256, (*rng.integers(2, 9, 2), 3), dtype=np.uint8))
+    return {k: [Image.fromarray(np.ascontiguousarray(a)) for a in v] for k, v in out.items()}
+
+
+def onnx_logits(sess, x, batch_size):
+    return np.concatenate([sess.run(None, {runtime.INPUT: x[i:i + batch_size].numpy()})[0]
+                           for i in range(0, len(x), batch_size)])
+
+
+def torch_out(model, x, batch_size):
+    """(features, logits) of the PyTorch model: one pass through the body, then the head."""
+    with torch.no_grad():
+        f = torch.cat([model.body(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return f, model.head(f)
+
+
+def calibration(logits, labels, t, bins):
+    """ECE (torchmetrics, L1, `bins` equal-width bins), NLL and Brier score at temperature 1 and `t`."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    out = {}
+    for name, temp in (("before", 1.0), ("after", t)):
+        p = trust.probabilities(logits, temp)
+        ece = multiclass_calibration_error(torch.from_numpy(p), torch.from_numpy(labels), p.shape[1], bins)
+        brier = ((p - np.eye(p.shape[1])[labels]) ** 2).sum(1).mean()
+        out[name] = {"ece": round(float(ece), 4), "nll": round(trust.nll(logits, labels, temp), 4),
+                     "brier": round(float(brier), 4)}
+    return out
+
+
+def wilson(k, n):
+    from scipy.stats import binomtest
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson") if n else None
+    return [round(ci.low, 4), round(ci.high, 4)] if ci else [0.0, 1.0]
+
+
+def abstention(logits, labels, fitted, target):
+    """The served decision on val: coverage, accuracy on the answered with its Wilson interval, and the
+    risk-coverage curve (the k most confident images answered, k = 1..n)."""
+    probs, reasons = trust.decide(logits, fitted)
+    right, answered = probs.argmax(1) == labels, np.array([r is None for r in reasons])
+    k, n = int(right[answered].sum()), int(answered.sum())
+    conf = probs.max(1)
+    order = np.argsort(-conf, kind="stable")
+    hits = np.cumsum(right[order])
+    curve = [{"coverage": round((i + 1) / len(conf), 4), "risk": round(1 - hits[i] / (i + 1), 4),
+              "threshold": round(float(conf[order[i]]), 6)} for i in range(len(conf))]
+    ci = wilson(k, n)
+    return {"val_images": len(labels), "answered": n, "coverage": round(n / len(labels), 4),
+            "accuracy_answered": round(k / n, 4) if n else None, "accuracy_ci95": ci,
+            "accuracy_all": round(float(right.mean()), 4), "target_accuracy": target,
+            "target_within_ci": bool(ci[1] >= target),
+            **{f"flagged_{r}": sum(x == r for x in reasons) for r in trust.REASONS}}, curve
+
+
+def auroc(inside, outside):
+    """AUROC of an outlier score (larger: more out-of-distribution), `outside` the positives."""
+    from sklearn.metrics import roc_auc_score
+    s = np.concatenate([inside, outside])
+    return round(float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], s)), 4)
+
+
+def knn_scores(train_f, train_y, f, k):
+    from pytorch_ood.detector import KNN
+    return KNN(None, k=min(k, len(train_f))).fit_features(train_f, train_y).predict_features(f).numpy()
+
+
+def left_out_class(train_f, train_y, val_f, val_y, classes, ckpt, k):
+    """Per class: that class is the unknown. AUROC over val of the KNN feature distance to the other classes'
+    train features, and, with at least two classes left, of the energy of a probe fitted on them (train's C)."""
+    out = {}
+    for c in range(len(classes)):
+        keep, unknown = train_y != c, val_y == c
+        row = {"knn_auroc": auroc(*(lambda s: (s[~unknown], s[unknown]))(
+            knn_scores(train_f[keep], torch.zeros(int(keep.sum()), dtype=torch.long), val_f, k)))}
+        if len(classes) > 2:
+            y = np.searchsorted(np.unique(train_y[keep]), train_y[keep])
+            w, b = probe.fit_probe(train_f[keep].double().numpy(), y, ckpt["selection"].get("lp_c", 1.0), False)
+            e = trust.energy(probe.head_logits(val_f.double().numpy(), w, b).numpy())
+            row["energy_auroc"] = auroc(e[~unknown], e[unknown])
+        out[classes[c]] = row
+    return out
+
+
+def corrupted_accuracy(model, sess, x, labels, pp, p):
+    """[{corruption, severity, pytorch, deploy}] val accuracy, severity 0 the clean images."""
+    mean, std = torch.tensor(pp.mean).view(1, 3, 1, 1), torch.tensor(pp.std).view(1, 3, 1, 1)
+    clean, rows = (x * std + mean).clamp(0, 1), []
+    acc = lambda z: round(float((np.asarray(z).argmax(1) == labels).mean()), 4)  # noqa: E731
+    for name, (fn, levels) in [("clean", (None, (0,)))] + list(CORRUPTIONS.items()):
+        for i, s in enumerate(levels):
+            torch.manual_seed(p.seed)
+            xc = x if fn is None else (fn(clean, s) - mean) / std
+            rows.append({"corruption": name, "severity": i + (fn is not None), "pytorch": acc(
+                torch_out(model, xc, p.batch_size)[1]), "deploy": acc(onnx_logits(sess, xc, p.batch_size))})
+    for r in rows:
+        r.update({f"{m}_relative": round(r[m] / max(rows[0][m], 1e-9), 4) for m in ("pytorch", "deploy")})
+    return rows
+
+
+def run(checkpoint, card_path, manifest, out_dir, p):
+    """Score the card's model and the checkpoint on val; write metrics.json, CSV tables and PNG plots."""
+    from stages.card import read_card
+    torch.set_num_threads(p.threads)
+    card = read_card(card_path)
+    model, classes, pp = load_model(checkpoint)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    sess = runtime.session(card["model"], p.threads)
+    fitted = trust.Trust.from_metadata(sess.get_modelmeta().custom_metadata_map)
+    val_rows, _ = read_manifest(manifest, {"val"})
+    train_rows, _ = read_manifest(manifest, {"train"})
+    if not val_rows or not train_rows:
+        raise UserError(f"{manifest}: the trust stage needs images in the train and val splits")
+    tf = presets.eval_transform(pp)
+    x, y = (torch.cat(t) for t in zip(*loader(val_rows, classes, tf, p.batch_size)))
+    labels = y.numpy()
+    val_f, pt_logits = torch_out(model, x, p.batch_size)
+    logits = onnx_logits(sess, x, p.batch_size)
+    fit = card.get("trust", {})
+    m = {"variant": card["variant"], "val_images": len(labels), **dataclasses.asdict(fitted),
+         "calibration": calibration(logits, labels, fitted.temperature, p.bins),
+         "pytorch_vs_deploy_max_prob_diff": round(float(np.abs(
+             trust.probabilities(pt_logits.numpy(), fitted.temperature)
+             - trust.probabilities(logits, fitted.temperature)).max()), 6)}
+    m["abstention"], curve = abstention(logits, labels, fitted, fit.get("fit", {}).get("target_accuracy"))
+    syn = synthetic(p.synthetic_images, p.seed)
+    syn_x = {k: torch.stack([tf(im) for im in v]) for k, v in syn.items()}
+    e_val = trust.energy(logits, fitted.temperature)
+    z_syn = {k: onnx_logits(sess, v, p.batch_size) for k, v in syn_x.items()}
+    e_syn = {k: trust.energy(z, fitted.temperature) for k, z in z_syn.items()}
+    train_f, train_y = probe_features(model, train_rows, classes, p, "cpu", [tf])[:2]
+    train_f, train_y = torch.from_numpy(train_f).float(), train_y
+    k_val = knn_scores(train_f, torch.from_numpy(train_y), val_f, p.knn_k)
+    k_syn = knn_scores(train_f, torch.from_numpy(train_y), torch.cat([torch_out(model, v, p.batch_size)[0]
+                                                                      for v in syn_x.values()]), p.knn_k)
+    flagged = {k: round(float(np.mean(v > fitted.ood_energy_above)), 4) for k, v in e_syn.items()}
+    m["ood"] = {"synthetic_images": sum(len(v) for v in syn.values()),
+                "synthetic_energy_auroc": auroc(e_val, np.concatenate(list(e_syn.values()))),
+                **{f"synthetic_energy_auroc_{k}": auroc(e_val, v) for k, v in e_syn.items()},
+                **{f"synthetic_flagged_ood_{k}": v for k, v in flagged.items()},
+                "synthetic_abstained": round(float(np.mean([r is not None for z in z_syn.values()
+                                                            for r in trust.decide(z, fitted)[1]])), 4),
+                "val_flagged_ood": round(float(np.mean(e_val > fitted.ood_energy_above)), 4),
+                "synthetic_knn_auroc": auroc(k_val, k_syn),
+                "left_out_class": left_out_class(train_f, train_y, val_f, labels, classes, ckpt, p.knn_k)}
+    keep = corruption_subset(val_rows, p)
+    table = corrupted_accuracy(model, sess, x[keep], labels[keep], pp, p)
+    m["robustness"] = robustness_summary(table, card["variant"], len(keep))
+    write(out_dir, m, curve, table, logits, labels, fitted, p.bins, e_val, e_syn)
+    return m
+
+
+def corruption_subset(val_rows, p):
+    """Indices of the val rows the corruptions run on: a stratified, seeded sample (quantize's), or all."""
+    if not p.corruption_images or p.corruption_images >= len(val_rows):
+        return np.arange(len(val_rows))
+    picked = {r["sha256"] for r in calibration_rows(val_rows, p.corruption_images, p.seed)}
+    return np.array([i for i, r in enumerate(val_rows) if r["sha256"] in picked])
+
+
+def robustness_summary(table, variant, n):
+    """Mean relative accuracy over every corruption and severity, per model, and the deploy model's against
+    PyTorch's (the INT8 against FP32 comparison when the deploy model is INT8)."""
+    bad = [r for r in table if r["severity"]]
+    mean = {mdl: round(float(np.mean([r[f"{mdl}_relative"] for r in bad])), 4) for mdl in ("pytorch", "deploy")}
+    return {"images": n, "mean_relative_pytorch": mean["pytorch"], "mean_relative_deploy": mean["deploy"],
+            "deploy_minus_pytorch": round(float(np.mean([r["deploy"] - r["pytorch"] for r in bad])), 4),
+            "deploy_is_int8": "int8" in variant,
+            **{f"{r['corruption']}_{r['severity']}_{mdl}": r[mdl] for r in table for mdl in ("pytorch", "deploy")}}
+
+
+def write(out_dir, m, curve, table, logits, labels, fitted, bins, e_val, e_syn):
+    from stages import trust_plots
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
+        for name, rows in (("risk_coverage.csv", curve), ("corruptions.csv", table)):
+            with open(tmp / name, "w", newline="") as f:
+                w = csv.DictWriter(f, list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        trust_plots.reliability(logits, labels, fitted.temperature, bins, m["calibration"], tmp / "reliability.png")
+        trust_plots.risk_coverage(curve, m["abstention"], tmp / "risk_coverage.png")
+        trust_plots.ood_histogram(e_val, e_syn, fitted.ood_energy_above, m["ood"], tmp / "ood_energy.png")
+        trust_plots.corruptions(table, m["variant"], tmp / "corruptions.png")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for a in ("--checkpoint", "--card", "--manifest", "--out"):
+        ap.add_argument(a, required=True)
+    args = ap.parse_args()
+    m = run(args.checkpoint, args.card, args.manifest, args.out, load_section(Params, "trust"))
+    c, a, o = m["calibration"], m["abstention"], m["ood"]
+    print(f"trust: ECE {c['before']['ece']} -> {c['after']['ece']} (T {m['temperature']}); answered "
+          f"{a['coverage']:.0%} of val at accuracy {a['accuracy_answered']} {a['accuracy_ci95']}; synthetic OOD "
+          f"AUROC {o['synthetic_energy_auroc']}; corrupted accuracy {m['robustness']['mean_relative_deploy']} "
+          "of clean")
+
+
+if __name__ == "__main__":
+    cli(main)
