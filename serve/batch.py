@@ -110,20 +110,19 @@ class Scorer:
         if ok.any():
             probs = softmax(self.model.infer(batch["x"][ok]))      # the one softmax call per row batch
             best = iter([top_k(row, self.model.classes, self.k) for row in probs])
-        rows = {name: [] for name in SCHEMA.names}
+        rows = []
         for path, good, kind, error in zip(batch["path"], ok, batch["kind"], batch["error"]):
             b = next(best) if good else None
-            for name, value in (("path", path), ("kind", kind), ("error", error),
-                                ("top1", b and b[0]["class"]), ("probability", b and b[0]["probability"]),
-                                ("top_k_classes", b and [c["class"] for c in b]),
-                                ("top_k_probabilities", b and [c["probability"] for c in b])):
-                rows[name].append(value)
-        return pa.table(rows, schema=SCHEMA)
+            rows.append({"path": path, "kind": kind, "error": error} if b is None else
+                        {"path": path, "kind": kind, "error": error, "top1": b[0]["class"],
+                         "probability": b[0]["probability"], "top_k_classes": [c["class"] for c in b],
+                         "top_k_probabilities": [c["probability"] for c in b]})
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def cuda_runner(path):
     """`infer` on ONNX Runtime's CUDA provider, or None where onnxruntime-gpu is not installed on this worker.
-    stages.runtime makes CPU sessions only; this is the one GPU session, built the same way otherwise."""
+    stages.runtime makes CPU sessions only; this is the one GPU session (ONNX Runtime's defaults otherwise)."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -166,15 +165,18 @@ def score(todo, fs, root, model, p):
     ray = ray_init()
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if gpus:
-        actors, per_actor = p.batch_actors or gpus, {"num_gpus": 1, "num_cpus": 1}
-    else:                       # leave a CPU to the decoding tasks, or the pipeline stalls behind its actors
-        actors = p.batch_actors or max(1, int(resources.get("CPU", 1) - 1) // p.batch_threads)
-        per_actor = {"num_cpus": p.batch_threads}
+    if gpus:                    # decoding tasks on the CPUs, scoring actors on the GPUs
+        actors, decode_cpus, per_actor = p.batch_actors or gpus, 1, {"num_gpus": 1, "num_cpus": 1}
+    else:                       # decoding and scoring ask for the same CPUs, so Ray Data fuses them into the actors:
+        #                         every core decodes and scores, and no float input (768 KiB an image at 256 px)
+        #                         crosses the object store. Unfused, actors holding every CPU would starve decoding.
+        actors = p.batch_actors or max(1, int(resources.get("CPU", 1)) // p.batch_threads)
+        decode_cpus, per_actor = p.batch_threads, {"num_cpus": p.batch_threads}
     model_bytes = Path(model.card["model"]).read_bytes()
     shape = (3, model.pp.input_size, model.pp.input_size)
-    ds = ray.data.from_items(todo).map_batches(
-        read_and_preprocess, batch_size=p.batch_size, batch_format="numpy",
+    blocks = -(-len(todo) // (8 * p.batch_size))      # 8 calls a block: Ray's default here cut 600 files into 200
+    ds = ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
+        read_and_preprocess, batch_size=p.batch_size, batch_format="numpy", num_cpus=decode_cpus,
         fn_kwargs=dict(fs=fs, root=root, transform=model.transform, p=p, shape=shape))
     ds = ds.map_batches(Scorer, batch_size=p.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=actors),
