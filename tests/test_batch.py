@@ -136,3 +136,19 @@ def test_the_server_does_not_import_ray():
     code = "import sys, serve.app, serve.predict_folder; print('ray' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+def test_a_uri_lists_like_a_folder_through_pyarrow_or_fsspec(tmp_path):
+    images = probes(tmp_path / "images", 3)
+    local = batch.list_files(*batch.filesystem(images))
+    assert [f["path"] for f in local[0]] == ["sub0/0.img", "sub0/2.img", "sub1/1.img"] and local[1] == []
+    assert batch.list_files(*batch.filesystem(f"file://{images}")) == local             # pyarrow's own URI
+    import fsspec
+    mem = fsspec.filesystem("memory")                                                   # a filesystem only fsspec has
+    for f in local[0]:
+        mem.pipe(f"/bench/{f['path']}", (images / f["path"]).read_bytes())
+    assert batch.list_files(*batch.filesystem("memory://bench")) == local
+    with pytest.raises(UserError, match="no filesystem"):
+        batch.filesystem("nosuchscheme://x")
+    with pytest.raises(UserError, match="not a folder"):
+        batch.list_files(*batch.filesystem(images / "sub0" / "0.img"))
