@@ -152,3 +152,19 @@ def test_a_uri_lists_like_a_folder_through_pyarrow_or_fsspec(tmp_path):
         batch.filesystem("nosuchscheme://x")
     with pytest.raises(UserError, match="not a folder"):
         batch.list_files(*batch.filesystem(images / "sub0" / "0.img"))
+
+
+@pytest.mark.slow
+def test_the_deploy_model_on_the_val_folder_agrees_with_evaluate(reproduced, ray_local, tmp_path, monkeypatch):
+    """The real pipeline's deploy card (a few shipped photos, real weights): Ray Data's top-1 on its val folder is
+    evaluate's ONNX top-1 for every file evaluate scored, and its probability evaluate's confidence."""
+    repo, _ = reproduced
+    monkeypatch.chdir(repo)                     # the card names its model relative to the project root
+    batch.run("outputs/deploy/card.json", "data/mini/val", tmp_path / "out", Params(batch_size=4))
+    preds = {r["path"]: r for r in tables(tmp_path / "out")[0]}
+    with open("outputs/evaluate/predictions.csv", newline="") as f:
+        evaluated = {r["path"].removeprefix("data/mini/val/"): r for r in csv.DictReader(f)}
+    assert len(evaluated) == 2 * 6 and set(evaluated) <= set(preds)
+    for path, r in evaluated.items():
+        assert preds[path]["top1"] == r["onnx_predicted"], path
+        assert abs(preds[path]["probability"] - float(r["confidence"])) < 1e-3, path
