@@ -174,7 +174,8 @@ def score(todo, fs, root, model, p):
         decode_cpus, per_actor = p.batch_threads, {"num_cpus": p.batch_threads}
     model_bytes = Path(model.card["model"]).read_bytes()
     shape = (3, model.pp.input_size, model.pp.input_size)
-    blocks = -(-len(todo) // (8 * p.batch_size))      # 8 calls a block: Ray's default here cut 600 files into 200
+    # 8 calls a block (Ray's default here cut 600 files into 200), and a block for every actor of a small job
+    blocks = min(len(todo), max(actors, -(-len(todo) // (8 * p.batch_size))))
     ds = ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
         read_and_preprocess, batch_size=p.batch_size, batch_format="numpy", num_cpus=decode_cpus,
         fn_kwargs=dict(fs=fs, root=root, transform=model.transform, p=p, shape=shape))
