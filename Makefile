@@ -43,13 +43,14 @@ schedule: $(STAMP)
 	python -m flows.server
 	python -m flows.schedule
 
-# Serving the deploy model the pipeline chose (see serve/); IMAGES=folder OUT=file.csv for predict-folder.
+# Serving the deploy model the pipeline chose (see serve/). predict-folder: IMAGES=folder-or-URI (s3://...) on Ray
+# Data (RAY_ADDRESS: that cluster; else this machine), OUT=folder (Parquet tables) or OUT=file.csv; re-runs resume.
 CARD := outputs/deploy/card.json
 serve: $(STAMP) $(NGINX)
 	python -m serve.app --card $(CARD)
 
 predict-folder: $(STAMP)
-	python -m serve.predict_folder --card $(CARD) --images $(IMAGES) --out $(OUT)
+	python -m serve.batch --card $(CARD) --images $(IMAGES) --out $(OUT)
 
 # Benchmarks against the classic recipe and the alternatives (36 min on 2 quiet cores, 2026-11-28):
 # benchmarks/RESULTS.md. `python -m benchmarks.run --quick --out /tmp/bench` checks the harness in minutes.

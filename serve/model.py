@@ -40,17 +40,24 @@ class Params:
     max_header_bytes: int = 32_768    # request line and headers; beyond, 431 (a single line: a quarter of it)
     read_timeout_s: float = 30.0      # to receive a whole body (408); nginx also ends a body that stalls this long
     keep_alive_s: float = 75.0        # idle connections stay open this long: above any client's or balancer's
+    batch_size: int = 8               # batch prediction (serve/batch.py): images per ONNX Runtime call
+    batch_actors: int = 0             # ONNX Runtime actors; 0: one per `batch_threads` CPUs (one per GPU on GPUs)
+    batch_threads: int = 1            # intra-op threads per actor; the actor holds this many of Ray's CPUs
+    batch_part_rows: int = 1000       # results per part file: what a crash can cost at most
 
     def __post_init__(self):
         for name in ("max_batch_size", "threads", "decode_threads", "top_k", "max_body_bytes", "max_images",
                      "max_pixels", "max_request_pixels", "max_decode_queue", "fast_lane_pixels",
-                     "max_connections", "max_sockets", "max_header_bytes"):
+                     "max_connections", "max_sockets", "max_header_bytes", "batch_size", "batch_threads",
+                     "batch_part_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
         if self.max_wait_ms < 0 or min(self.read_timeout_s, self.keep_alive_s, self.header_timeout_s) <= 0:
             raise ValueError(f"max_wait_ms must be >= 0, read_timeout_s, keep_alive_s and header_timeout_s > 0, "
                              f"not {self.max_wait_ms}, {self.read_timeout_s}, {self.keep_alive_s}, "
                              f"{self.header_timeout_s}")
+        if not isinstance(self.batch_actors, int) or self.batch_actors < 0:
+            raise ValueError(f"batch_actors must be 0 (auto) or a positive integer, not {self.batch_actors!r}")
         if self.max_header_bytes < 4096:
             raise ValueError(f"max_header_bytes must be at least 4096, not {self.max_header_bytes}")
 

@@ -2,6 +2,9 @@
 
 The same card check, decoding, preprocessing and limits as the server; a file that is not a usable image gets a
 row with its error instead of a prediction, so every file is accounted for.
+
+One process, no Ray, no resuming: `make predict-folder` runs serve/batch.py (Ray Data, Parquet or this CSV,
+resumable); this stays for a quick look on one machine and as benchmarks/batch_bench.py's baseline.
 """
 import argparse
 import concurrent.futures

@@ -1,0 +1,261 @@
+"""batch: the deploy model over every file under a folder or URI, on Ray Data, into Parquet (or CSV), resumably.
+
+The driver checks the card (SHA-256) and lists the files (pyarrow.fs: a local folder, s3://, gs://, hdfs://, or
+any fsspec URI whose package is installed); Ray tasks read, open, decode and preprocess them with the server's own
+code and limits (serve.model.preprocess with the card's transform); a pool of actors runs ONNX Runtime (CUDA
+where the cluster has GPUs and onnxruntime-gpu is installed); the driver writes the results in parts of
+`batch_part_rows` rows, each part atomically. A run killed at any point leaves only whole parts; a re-run with the
+same model reads them and scores only the files they lack. A file that is not a usable image lands in the errors
+table with the server's reason, and the job goes on.
+
+OUT, a folder: predictions/part-NNNNN.parquet (path, top1, probability, top_k_classes, top_k_probabilities,
+model_sha256) and errors/part-NNNNN.parquet (path, kind, error, model_sha256); paths are relative to the root
+listed. OUT ending in .csv: the parts live in OUT.parts/ and OUT is predict_folder's CSV (path, top1,
+probability, top_k, error) plus model_sha256, sorted by path.
+"""
+import argparse
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from serve.model import InputError, Model, Params, preprocess, softmax, top_k
+from stages.card import write_card
+from stages.config import UserError, atomic_write, cli, load_section
+
+PREDICTIONS, ERRORS = "predictions", "errors"
+SCHEMA = pa.schema([("path", pa.string()), ("top1", pa.string()), ("probability", pa.float64()),
+                    ("top_k_classes", pa.list_(pa.string())), ("top_k_probabilities", pa.list_(pa.float64())),
+                    ("kind", pa.string()), ("error", pa.string())])
+COLUMNS = {PREDICTIONS: ["path", "top1", "probability", "top_k_classes", "top_k_probabilities"],
+           ERRORS: ["path", "kind", "error"]}
+
+
+def filesystem(uri):
+    """(pyarrow filesystem, root path) for a local folder, or a URI that pyarrow or an installed fsspec knows."""
+    if "://" not in str(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        try:
+            import fsspec
+            fs, root = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError) as e2:
+            raise UserError(f"{uri}: no filesystem for this URI (pyarrow: {e}; fsspec: {e2})") from None
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    return fs, root.rstrip("/")
+
+
+def list_files(fs, root):
+    """([{"path": relative, "size": bytes}] of the regular files under `root`, sorted; [relative] of the entries
+    that are neither file nor folder (FIFOs, sockets, devices: reading one could block forever)."""
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise UserError(f"{root} is not a folder")
+    files, odd = [], []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = info.path[len(root):].lstrip("/")
+        if info.type == pafs.FileType.File:
+            files.append({"path": rel, "size": info.size})
+        elif info.type != pafs.FileType.Directory:
+            odd.append(rel)
+    return sorted(files, key=lambda f: f["path"]), sorted(odd)
+
+
+def read_and_preprocess(batch, fs, root, transform, p, shape):
+    """A Ray task: file names -> network input, or the server's reason for refusing the file (zeros then)."""
+    xs, kinds, errors = [], [], []
+    for rel, size in zip(batch["path"], batch["size"]):
+        x, kind, error = None, "", ""
+        try:
+            if size > p.max_body_bytes:             # the server's limit: both refuse the same files
+                raise InputError(413, "body_too_large", f"the file is over the limit of {p.max_body_bytes:,} bytes")
+            with fs.open_input_stream(f"{root}/{rel}") as f:
+                data = f.read(p.max_body_bytes + 1)     # a file grown since it was listed still stops at the limit
+            if len(data) > p.max_body_bytes:
+                raise InputError(413, "body_too_large", f"the file is over the limit of {p.max_body_bytes:,} bytes")
+            x = preprocess(data, transform, p.max_pixels)
+        except InputError as e:
+            kind, error = e.kind, e.detail
+        except OSError as e:
+            kind, error = "unreadable", f"the file cannot be read: {e}"
+        xs.append(np.zeros(shape, np.float32) if x is None else x)
+        kinds.append(kind)
+        errors.append(error)
+    return {"path": batch["path"], "x": np.stack(xs), "kind": np.array(kinds, dtype=object),
+            "error": np.array(errors, dtype=object)}
+
+
+class Scorer:
+    """A Ray actor: the card's model in ONNX Runtime, rows of network input -> top-k classes and probabilities."""
+
+    def __init__(self, card, model_bytes, threads, k, gpu):
+        with tempfile.TemporaryDirectory(prefix="batch-model-") as d:   # this worker's copy, checked again
+            Path(d, "model.onnx").write_bytes(model_bytes)           # the bytes travel: no shared disk needed
+            write_card(f"{d}/card.json", {**card, "model": f"{d}/model.onnx"})  # keeps the card's SHA-256
+            self.model = Model(f"{d}/card.json", threads)
+            if gpu:
+                self.model.infer = cuda_runner(f"{d}/model.onnx") or self.model.infer
+        self.k = k
+
+    def __call__(self, batch):
+        ok = batch["kind"] == ""
+        best = iter([])
+        if ok.any():
+            probs = softmax(self.model.infer(batch["x"][ok]))      # the one softmax call per row batch
+            best = iter([top_k(row, self.model.classes, self.k) for row in probs])
+        rows = []
+        for path, good, kind, error in zip(batch["path"], ok, batch["kind"], batch["error"]):
+            b = next(best) if good else None
+            rows.append({"path": path, "kind": kind, "error": error} if b is None else
+                        {"path": path, "kind": kind, "error": error, "top1": b[0]["class"],
+                         "probability": b[0]["probability"], "top_k_classes": [c["class"] for c in b],
+                         "top_k_probabilities": [c["probability"] for c in b]})
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def cuda_runner(path):
+    """`infer` on ONNX Runtime's CUDA provider, or None where onnxruntime-gpu is not installed on this worker.
+    stages.runtime makes CPU sessions only; this is the one GPU session (ONNX Runtime's defaults otherwise)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    sess = ort.InferenceSession(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def part_files(folder):
+    return sorted(p for name in COLUMNS for p in (Path(folder) / name).glob("part-*.parquet"))
+
+
+def finished(folder, sha):
+    """The paths the parts under `folder` already account for; UserError if another model wrote them."""
+    done = set()
+    for part in part_files(folder):
+        t = pq.read_table(part, columns=["path", "model_sha256"])
+        others = set(t["model_sha256"].to_pylist()) - {sha}
+        if others:
+            raise UserError(f"{folder} holds results of the model with SHA-256 {others.pop()}, not {sha}: "
+                            "write to another output, or remove it to start over")
+        done.update(t["path"].to_pylist())
+    return done
+
+
+def write_part(folder, table, sha, index):
+    """One batch of results as part `index` of the predictions and the errors tables, each file atomically."""
+    failed = pc.not_equal(table["kind"], "")
+    for name, rows in ((PREDICTIONS, table.filter(pc.invert(failed))), (ERRORS, table.filter(failed))):
+        if rows.num_rows:
+            rows = rows.select(COLUMNS[name]).append_column("model_sha256", pa.array([sha] * rows.num_rows))
+            atomic_write(Path(folder) / name / f"part-{index:05d}.parquet", lambda tmp: pq.write_table(rows, tmp))
+
+
+def score(todo, fs, root, model, p):
+    """Ray Data over `todo` ([{"path", "size"}]): pyarrow tables of results, `batch_part_rows` rows each."""
+    from stages.cluster import ray_init
+
+    ray = ray_init()
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:                    # decoding tasks on the CPUs, scoring actors on the GPUs
+        actors, decode_cpus, per_actor = p.batch_actors or gpus, 1, {"num_gpus": 1, "num_cpus": 1}
+    else:                       # decoding and scoring ask for the same CPUs, so Ray Data fuses them into the actors:
+        #                         every core decodes and scores, and no float input (768 KiB an image at 256 px)
+        #                         crosses the object store. Unfused, actors holding every CPU would starve decoding.
+        actors = p.batch_actors or max(1, int(resources.get("CPU", 1)) // p.batch_threads)
+        decode_cpus, per_actor = p.batch_threads, {"num_cpus": p.batch_threads}
+    model_bytes = Path(model.card["model"]).read_bytes()
+    shape = (3, model.pp.input_size, model.pp.input_size)
+    # 8 calls a block (Ray's default here cut 600 files into 200), and a block for every actor of a small job
+    blocks = min(len(todo), max(actors, -(-len(todo) // (8 * p.batch_size))))
+    ds = ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
+        read_and_preprocess, batch_size=p.batch_size, batch_format="numpy", num_cpus=decode_cpus,
+        fn_kwargs=dict(fs=fs, root=root, transform=model.transform, p=p, shape=shape))
+    ds = ds.map_batches(Scorer, batch_size=p.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        fn_constructor_kwargs=dict(card=model.card, model_bytes=model_bytes,
+                                                   threads=p.batch_threads, k=p.top_k, gpu=bool(gpus)),
+                        **per_actor)
+    yield from ds.iter_batches(batch_size=p.batch_part_rows, batch_format="pyarrow")
+
+
+def run(card, images, out, p):
+    """Score every file under `images` (a folder or URI) not yet in `out`; returns counts of this run's work."""
+    model = Model(card, p.batch_threads)        # the card's SHA-256 is checked here, before anything is scored
+    sha = model.card["sha256"]
+    fs, root = filesystem(images)
+    files, odd = list_files(fs, root)
+    if not files and not odd:
+        raise UserError(f"{images} holds no files")
+    out = Path(out)
+    folder = out.with_name(out.name + ".parts") if out.suffix == ".csv" else out
+    done = finished(folder, sha)
+    index = 1 + max((int(f.stem.split("-")[1]) for f in part_files(folder)), default=-1)
+    counts = {"skipped": len(done), "predicted": 0, "errors": 0}
+    odd = [rel for rel in odd if rel not in done]
+    if odd:
+        write_part(folder, pa.table({"path": odd, "kind": ["not_a_file"] * len(odd),
+                                     "error": ["neither a regular file nor a folder"] * len(odd)}), sha, index)
+        counts["errors"], index = len(odd), index + 1
+    todo = [f for f in files if f["path"] not in done]
+    if todo:
+        for table in score(todo, fs, root, model, p):
+            write_part(folder, table, sha, index)
+            index += 1
+            failed = pc.sum(pc.not_equal(table["kind"], "")).as_py() or 0
+            counts["errors"] += failed
+            counts["predicted"] += table.num_rows - failed
+    if out.suffix == ".csv":
+        write_csv(folder, out)
+    return counts
+
+
+def read_tables(folder):
+    """(predictions, errors) as pyarrow tables from the parts under `folder`."""
+    def read(name):
+        parts = sorted((Path(folder) / name).glob("part-*.parquet"))
+        schema = pa.schema([SCHEMA.field(c) for c in COLUMNS[name]] + [("model_sha256", pa.string())])
+        return pa.concat_tables([pq.read_table(f) for f in parts]) if parts else schema.empty_table()
+    return read(PREDICTIONS), read(ERRORS)
+
+
+def write_csv(folder, out):
+    """predict_folder's CSV (one row per file, sorted by path) from the parts."""
+    preds, errors = read_tables(folder)
+    rows = [{"path": r["path"], "top1": r["top1"], "probability": f"{r['probability']:.6f}",
+             "top_k": json.dumps([{"class": c, "probability": q}
+                                  for c, q in zip(r["top_k_classes"], r["top_k_probabilities"])]),
+             "error": "", "model_sha256": r["model_sha256"]} for r in preds.to_pylist()]
+    rows += [{"path": r["path"], "top1": "", "probability": "", "top_k": "", "error": r["error"],
+              "model_sha256": r["model_sha256"]} for r in errors.to_pylist()]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, ["path", "top1", "probability", "top_k", "error", "model_sha256"])
+            w.writeheader()
+            w.writerows(sorted(rows, key=lambda r: r["path"]))
+
+    atomic_write(out, write)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--card", required=True, help="the model card JSON written by the deploy stage")
+    ap.add_argument("--images", required=True, help="a folder or URI (s3://..., searched recursively)")
+    ap.add_argument("--out", required=True, help="a folder of Parquet tables, or a .csv file")
+    args = ap.parse_args()
+    c = run(args.card, args.images, args.out, load_section(Params, "serve"))
+    print(f"batch: {c['predicted']} images predicted, {c['errors']} files not usable, {c['skipped']} already "
+          f"done -> {args.out}")
+
+
+if __name__ == "__main__":
+    cli(main)
