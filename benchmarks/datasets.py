@@ -23,7 +23,7 @@ from stages import backbones, presets, prepare, train
 from stages.config import UserError, atomic_text, cli, load_section
 from stages.evaluate import baseline_logits, scores
 from stages.machine import describe
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 
 
 def plain_baseline(manifest, tp):

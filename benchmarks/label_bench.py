@@ -18,7 +18,7 @@ from cleanlab.rank import get_label_quality_scores
 
 from stages import labels, train
 from stages.config import load_section
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 
 
 def cpu():

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from stages import presets
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 
 
 def make_folder(root, n, side, classes=("a", "b", "c")):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from benchmarks.timing import pairwise, spread, wall
 from stages import backbones, presets, train
 from stages.evaluate import scores
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 
 # The tutorial's recipe: RandomResizedCrop's default scale, flip, Adam 1e-3, a plain Linear head. Its batch size
 # is 4; here it is the pipeline's, so that the two differ in the recipe and not in the batch.

@@ -13,7 +13,7 @@ import torch
 from benchmarks.timing import section, wall
 from stages import deploy, export, prune, quantize
 from stages.config import UserError
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 from stages.train import load_model
 
 THREADS = (1, 2)

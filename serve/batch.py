@@ -9,9 +9,9 @@ same model reads them and scores only the files they lack. A file that is not a 
 table with the server's reason, and the job goes on.
 
 OUT, a folder: predictions/part-NNNNN.parquet (path, top1, probability, top_k_classes, top_k_probabilities,
-model_sha256) and errors/part-NNNNN.parquet (path, kind, error, model_sha256); paths are relative to the root
+abstained, reason, model_sha256; probabilities calibrated and abstentions decided as the server does) and errors/part-NNNNN.parquet (path, kind, error, model_sha256); paths are relative to the root
 listed. OUT ending in .csv: the parts live in OUT.parts/ and OUT is predict_folder's CSV (path, top1,
-probability, top_k, error) plus model_sha256, sorted by path.
+probability, top_k, error) plus abstained, reason and model_sha256, sorted by path.
 """
 import argparse
 import csv
@@ -25,15 +25,16 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from serve.model import InputError, Model, Params, preprocess, softmax, top_k
+from serve.model import InputError, Model, Params, preprocess, top_k
 from stages.card import write_card
 from stages.config import UserError, atomic_write, cli, load_section
 
 PREDICTIONS, ERRORS = "predictions", "errors"
 SCHEMA = pa.schema([("path", pa.string()), ("top1", pa.string()), ("probability", pa.float64()),
                     ("top_k_classes", pa.list_(pa.string())), ("top_k_probabilities", pa.list_(pa.float64())),
-                    ("kind", pa.string()), ("error", pa.string())])
-COLUMNS = {PREDICTIONS: ["path", "top1", "probability", "top_k_classes", "top_k_probabilities"],
+                    ("abstained", pa.bool_()), ("reason", pa.string()), ("kind", pa.string()), ("error", pa.string())])
+COLUMNS = {PREDICTIONS: ["path", "top1", "probability", "top_k_classes", "top_k_probabilities", "abstained",
+                         "reason"],
            ERRORS: ["path", "kind", "error"]}
 
 
@@ -107,16 +108,17 @@ class Scorer:
     def __call__(self, batch):
         ok = batch["kind"] == ""
         best = iter([])
-        if ok.any():
-            probs = softmax(self.model.infer(batch["x"][ok]))      # the one softmax call per row batch
-            best = iter([top_k(row, self.model.classes, self.k) for row in probs])
+        if ok.any():       # the server's path: calibrated probabilities and its abstention rule, once per batch
+            probs, reasons = self.model.decide(self.model.infer(batch["x"][ok]))
+            best = iter([(top_k(row, self.model.classes, self.k), why) for row, why in zip(probs, reasons)])
         rows = []
         for path, good, kind, error in zip(batch["path"], ok, batch["kind"], batch["error"]):
-            b = next(best) if good else None
+            b, why = next(best) if good else (None, None)
             rows.append({"path": path, "kind": kind, "error": error} if b is None else
                         {"path": path, "kind": kind, "error": error, "top1": b[0]["class"],
                          "probability": b[0]["probability"], "top_k_classes": [c["class"] for c in b],
-                         "top_k_probabilities": [c["probability"] for c in b]})
+                         "top_k_probabilities": [c["probability"] for c in b], "abstained": why is not None,
+                         "reason": why})
         return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
@@ -233,13 +235,15 @@ def write_csv(folder, out):
     rows = [{"path": r["path"], "top1": r["top1"], "probability": f"{r['probability']:.6f}",
              "top_k": json.dumps([{"class": c, "probability": q}
                                   for c, q in zip(r["top_k_classes"], r["top_k_probabilities"])]),
-             "error": "", "model_sha256": r["model_sha256"]} for r in preds.to_pylist()]
-    rows += [{"path": r["path"], "top1": "", "probability": "", "top_k": "", "error": r["error"],
-              "model_sha256": r["model_sha256"]} for r in errors.to_pylist()]
+             "abstained": r["abstained"], "reason": r["reason"] or "", "error": "", "model_sha256": r["model_sha256"]}
+            for r in preds.to_pylist()]
+    rows += [{"path": r["path"], "top1": "", "probability": "", "top_k": "", "abstained": "", "reason": "",
+              "error": r["error"], "model_sha256": r["model_sha256"]} for r in errors.to_pylist()]
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, ["path", "top1", "probability", "top_k", "error", "model_sha256"])
+            w = csv.DictWriter(f, ["path", "top1", "probability", "top_k", "abstained", "reason", "error",
+                                   "model_sha256"])
             w.writeheader()
             w.writerows(sorted(rows, key=lambda r: r["path"]))
 

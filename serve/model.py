@@ -146,14 +146,6 @@ def preprocess(data, transform, max_pixels):
     return decode(open_image(data, max_pixels), transform)
 
 
-def softmax(logits):
-    """Plain softmax (temperature 1); the served probabilities are `Model.probabilities`, which applies the
-    model's temperature."""
-    z = logits.astype(np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def top_k(probs, classes, k):
     """[{"class", "probability"}] for the `k` most probable classes, most probable first."""
     order = np.argsort(-probs, kind="stable")[:k]

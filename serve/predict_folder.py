@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from serve.model import InputError, Model, Params, preprocess, softmax, top_k
+from serve.model import InputError, Model, Params, preprocess, top_k
 from stages.config import UserError, atomic_write, cli, load_section
 
 FIELDS = ["path", "top1", "probability", "top_k", "error"]
@@ -39,7 +39,7 @@ def predict(model, files, p, desc=None):
             chunk = files[start:start + p.max_batch_size]
             decoded = list(pool.map(decode, chunk))
             ok = [x for x, _ in decoded if x is not None]
-            probs = iter(softmax(model.infer(np.stack(ok))) if ok else [])
+            probs = iter(model.probabilities(model.infer(np.stack(ok))) if ok else [])
             for f, (x, err) in zip(chunk, decoded):
                 if err is not None:
                     rows.append({"path": f, "top1": "", "probability": "", "top_k": "", "error": err})

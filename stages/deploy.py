@@ -40,7 +40,7 @@ from stages.card import write_card  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section, typed  # noqa: E402
 from stages.evaluate import scores  # noqa: E402
 from stages.export import parity, predict_onnx, to_onnx  # noqa: E402
-from stages.prepare import read_manifest  # noqa: E402
+from stages.manifest import read_manifest  # noqa: E402
 from stages.train import load_model, loader, predict, probe_features  # noqa: E402
 
 BASELINE, FALLBACK = "pytorch_fp32", "onnx_fp32"

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from stages import backbones, presets  # noqa: E402
 from stages.config import atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
 from stages.export import predict_onnx  # noqa: E402
-from stages.prepare import read_manifest  # noqa: E402
+from stages.manifest import read_manifest  # noqa: E402
 from stages.probe import set_head  # noqa: E402
 from stages.runtime import session  # noqa: E402
 from stages.train import load_model, loader, predict  # noqa: E402

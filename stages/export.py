@@ -13,7 +13,7 @@ import torch
 
 from stages import presets
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 from stages.runtime import BATCH, INPUT, OUTPUT, session
 from stages.train import load_model, loader, predict
 

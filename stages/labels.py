@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from stages import backbones, presets, train  # noqa: E402
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
-from stages.prepare import read_manifest  # noqa: E402
+from stages.manifest import read_manifest  # noqa: E402
 from stages.probe import choose_c, fit_probe, head_logits  # noqa: E402
 
 ACTIONS = ("keep", "drop", "fail")

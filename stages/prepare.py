@@ -10,7 +10,6 @@ Files are inspected on `prepare.workers` processes (or a Ray cluster) and, with 
 seen before are decoded (stages/inspection.py); the manifest is the same either way.
 """
 import argparse
-import csv
 import dataclasses
 import random
 from collections import Counter
@@ -19,10 +18,9 @@ from pathlib import Path
 from stages import duplicates, inspection
 from stages.config import UserError, atomic_dir, cli, load_section
 from stages.groups import find_groups, judge_groups
+from stages.manifest import write_manifest
 from stages.inspection import inspect, safe_name  # noqa: F401  (public: tests and tools call prepare.inspect)
 
-FIELDS = ["path", "label", "split", "width", "height", "mode", "format", "bytes", "sha256", "phash",
-          "status", "rule", "reason", "cached", "picture"]
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 LAYOUTS = ("accepted layouts: <class>/<image>, or <split>/<class>/<image> with splits train, val "
            "(or valid, validation) and test")
@@ -233,13 +231,6 @@ def _prepare(files, tmp, out_dir, p, cache=None):
     return rows, similar, n_similar
 
 
-def write_manifest(path, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows({k: r[k] for k in FIELDS} for r in rows)
-
-
 def report(rows, source, similar=(), n_similar=0, note=""):
     """The cleaning report a person reads: counts, every set-aside file with its reason and the picture it
     matched, the similar pairs that were kept, every note."""
@@ -271,15 +262,6 @@ def report(rows, source, similar=(), n_similar=0, note=""):
 
 def _picture(name):
     return f"![pair]({name})" if name else ""
-
-
-def read_manifest(path, splits=None):
-    """Usable rows of a manifest, optionally only those in `splits`, and the sorted class names."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    classes = sorted({r["label"] for r in rows if r["status"] == "ok"})
-    rows = [r for r in rows if r["status"] == "ok" and (splits is None or r["split"] in splits)]
-    return rows, classes
 
 
 def main():

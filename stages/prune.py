@@ -21,7 +21,7 @@ from torch import nn
 
 from stages import backbones, presets, train
 from stages.config import UserError, atomic_text, cli, load_section, stage_device
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 
 SCOPES = ("hidden", "all")
 IMPORTANCES = {

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from stages import backbones, presets
 from stages.config import UserError, atomic_write, cli, load_section, stage_device
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 from stages.probe import choose_c, earned, fit_probe, head_logits, set_head
 
 STRATEGIES = ("linear_probe", "finetune", "lp_ft")

@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
 from stages import presets, probe, runtime, trust  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section  # noqa: E402
-from stages.prepare import read_manifest  # noqa: E402
+from stages.manifest import read_manifest  # noqa: E402
 from stages.quantize import calibration_rows  # noqa: E402
 from stages.train import load_model, loader, predict, probe_features  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 
 from stages import deploy, export, presets, prune, quantize, runtime, trust
 from stages.config import UserError
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 from stages.train import loader
 
 BUDGET = deploy.Budget(max_accuracy_drop=0.005, min_agreement=0.99, min_speedup=1.1)

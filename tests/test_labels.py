@@ -3,6 +3,7 @@ import csv
 import pytest
 
 from stages import labels, prepare, train
+from stages.manifest import read_manifest
 from tests.conftest import TINY, make_image
 
 COLORS = {"blue": (40, 40, 200), "green": (40, 180, 40), "red": (200, 40, 40)}
@@ -50,7 +51,7 @@ def test_the_flipped_labels_lead_the_list_and_drop_leaves_them_out(tmp_path, fli
     assert excluded == {r["path"] for r in ranked} and metrics["dropped"] == len(ranked) == metrics["suspects"]
     assert (tmp_path / "l" / "suspects.png").read_bytes()[:4] == b"\x89PNG"
     # train leaves the excluded rows out before anything else: with every holdout image excluded, it stops
-    hold, _ = prepare.read_manifest(manifest, {"holdout"})
+    hold, _ = read_manifest(manifest, {"holdout"})
     with pytest.raises(train.UserError, match="both the train and holdout splits"):
         train.run(manifest, tmp_path / "t", train.Params(**TINY), exclude=[r["path"] for r in hold])
 

@@ -12,6 +12,7 @@ import pytest
 
 from stages import inspection, prepare
 from stages.config import UserError
+from stages.manifest import read_manifest
 from tests.conftest import make_image
 from tests.test_cleaning import dirty  # noqa: F401  (a fixture: one file for every cleaning case)
 
@@ -147,7 +148,7 @@ def test_split_folders_users_bring(tmp_path, folders, from_folder):
     assert {r["label"] for r in rows} == {"red", "blue"}
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| test | 6 | 6 |" in report and "kept apart" in report
-    train_rows, _ = prepare.read_manifest(tmp_path / "out" / "manifest.csv", {"train", "holdout"})
+    train_rows, _ = read_manifest(tmp_path / "out" / "manifest.csv", {"train", "holdout"})
     assert train_rows and not any("/test/" in r["path"] for r in train_rows)
 
 

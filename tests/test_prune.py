@@ -6,7 +6,7 @@ import torch_pruning as tp
 
 from stages import backbones, export, presets, prune, runtime, train
 from stages.config import UserError
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 
 
 def test_pruning_shrinks_the_model_which_reloads_safely_and_exports_with_parity(tmp_path, manifest, checkpoint):

@@ -31,6 +31,7 @@ from serve.batcher import Batcher
 from serve.model import Params
 from stages import card as model_card, export, prepare, presets, runtime, train
 from stages.config import UserError
+from stages.manifest import read_manifest
 from tests.conftest import COLORS, ROOT, TINY, make_image
 
 PARAMS = Params(max_batch_size=8, threads=1, max_body_bytes=200_000, max_images=4, max_pixels=1_000_000,
@@ -389,7 +390,7 @@ def trusted(card, tmp_path_factory):
     d, ckpt_path = tmp_path_factory.mktemp("trusted"), card.parent.parent / "train" / "model.pt"
     manifest = card.parent.parent / "prepare" / "manifest.csv"
     model, classes, pp = train.load_model(ckpt_path)
-    (hold, _), (tr, _) = prepare.read_manifest(manifest, {"holdout"}), prepare.read_manifest(manifest, {"train"})
+    (hold, _), (tr, _) = read_manifest(manifest, {"holdout"}), read_manifest(manifest, {"train"})
     p = deploy.Params(batch_size=8)
     logits, labels = deploy.heldout_logits(model, torch.load(ckpt_path, weights_only=True), card.parent / "model.onnx",
                                            deploy.tensors(hold, classes, pp, 8), tr + hold, classes, p)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stages import probe, train
-from stages.prepare import read_manifest
+from stages.manifest import read_manifest
 from tests.conftest import TINY
 
 

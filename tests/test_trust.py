@@ -102,7 +102,7 @@ def deployed(tmp_path_factory):
     card) without deploy's variant timing, which tests/test_deploy.py runs."""
     from stages import export, prepare, train
     from stages.card import write_card
-    from stages.prepare import read_manifest
+    from stages.manifest import read_manifest
     from tests.conftest import TINY, make_split_folder
 
     d = tmp_path_factory.mktemp("trust")
