@@ -89,6 +89,15 @@ class Model:
         self.transform = presets.eval_transform(self.pp).array    # numpy out: no torch
         self.trust = trust.Trust.from_metadata(self.sess.get_modelmeta().custom_metadata_map)
 
+    def warm(self, batch):
+        """Run a batch of one and one of `batch` zero images: ONNX Runtime grows its memory arena to the largest
+        shape it has seen, so a server warmed at its largest batch reaches its steady memory at start-up (and its
+        first real requests pay no allocation) instead of growing under the first burst."""
+        x = np.zeros((batch, 3, self.pp.input_size, self.pp.input_size), np.float32)
+        self.infer(x[:1])
+        if batch > 1:
+            self.infer(x)
+
     def probabilities(self, logits):
         """(n, classes) logits -> calibrated probabilities (softmax at the model's temperature), float64: the
         one probability path of the server and batch prediction."""
