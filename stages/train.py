@@ -3,7 +3,8 @@
 Strategies: `linear_probe` (frozen body: its features are computed once and the head trains on that cache),
 `finetune` (all weights), `lp_ft` (the head first, then everything at a lower backbone learning rate).
 Model selection (the head's best step; with `select: best`, the fine-tune epoch) uses the manifest's
-`holdout` slice of train; `val` is never seen here.
+`holdout` slice of train; `val` is never seen here. With `workers > 1` the same recipe (`fit`) runs
+data-parallel on Ray Train (stages/distributed.py); the input pipeline is stages/loading.py.
 """
 import argparse
 import copy
@@ -97,17 +98,12 @@ def holdout_score(logits, labels):
 
 def probe_features(model, rows, classes, p, device, views, shard=SOLO):
     """Body features of `rows` under each transform in `views`: (x [views*n, d] float64, y [views*n], image
-    index). Each view's features go straight into one preallocated array: what this holds grows with the
-    images by the features alone (n * views * d * 8 bytes; 1,000 images, one view, Lite0's 1,280: 10 MB)."""
-    x = y = None
-    for i, tf in enumerate(views):
-        f, labels = predict(model.body, eval_loader(rows, classes, None, p, device, shard, tf, p.seed + i), device,
-                            f"train: features, view {i + 1}/{len(views)}" if len(rows) > 64 else None, shard)
-        if x is None:
-            x, y = np.empty((len(views) * len(rows), f.shape[1])), np.empty(len(views) * len(rows), np.int64)
-        x[i * len(rows):(i + 1) * len(rows)], y[i * len(rows):(i + 1) * len(rows)] = f.numpy(), labels.numpy()
-        del f
-    return x, y, np.tile(np.arange(len(rows)), len(views))
+    index). Held once as float32 per view and once as the float64 result: 12 bytes per image, view and feature."""
+    feats = [predict(model.body, eval_loader(rows, classes, None, p, device, shard, tf, p.seed + i), device,
+                     f"train: features, view {i + 1}/{len(views)}" if len(rows) > 64 else None, shard)
+             for i, tf in enumerate(views)]
+    x = np.concatenate([f.numpy() for f, _ in feats], dtype=np.float64)
+    return x, np.concatenate([y.numpy() for _, y in feats]), np.tile(np.arange(len(rows)), len(views))
 
 
 def linear_probe(model, train_rows, hold_rows, classes, pp, p, device, shard=SOLO):
