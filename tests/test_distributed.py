@@ -72,3 +72,11 @@ def test_a_failing_worker_is_named_and_nothing_is_written(tmp_path, manifest, ra
 def test_workers_must_divide_the_batch():
     with pytest.raises(train.UserError, match="train.workers must be at least 1 and divide train.batch_size"):
         train.Params(batch_size=32, workers=3)
+
+
+def test_gpu_check_says_so_in_one_line_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the check would run")
+    from benchmarks import gpu_check
+    assert gpu_check.main([]) is None
+    assert capsys.readouterr().out == "gpu_check: no CUDA GPU visible on this machine; nothing to check\n"
