@@ -3,7 +3,8 @@
 Strategies: `linear_probe` (frozen body: its features are computed once and the head trains on that cache),
 `finetune` (all weights), `lp_ft` (the head first, then everything at a lower backbone learning rate).
 Model selection (the head's best step; with `select: best`, the fine-tune epoch) uses the manifest's
-`holdout` slice of train; `val` is never seen here.
+`holdout` slice of train; `val` is never seen here. With `workers > 1` the same recipe (`fit`) runs
+data-parallel on Ray Train (stages/distributed.py); the input pipeline is stages/loading.py.
 """
 import argparse
 import copy
@@ -16,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2 as T
-from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from stages import backbones, presets
 from stages.config import UserError, atomic_write, cli, load_section, stage_device
+from stages.loading import (SOLO, autocast, class_weights, loader, loader_workers, predict, save_grid,
+                            to_device)
 from stages.manifest import read_manifest
 from stages.probe import choose_c, earned, fit_probe, head_logits, set_head
 
@@ -57,6 +58,8 @@ class Params:
     policy: str = "trivialaugment"     # none | trivialaugment | randaugment
     mix: str = "none"                  # none | mixup | cutmix, on fine-tune batches
     balance: str = "none"              # none | sampler | loss: counter class imbalance
+    workers: int = 1                   # data-parallel Ray Train workers; 1: this process alone, no Ray
+    loader_workers: int = -1           # DataLoader processes per training process; -1: by the cores
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -67,59 +70,18 @@ class Params:
         presets.get_policy(self.policy)
         if not self.lp_cs or min(self.lp_cs) <= 0:
             raise UserError(f"train.lp_cs must be a non-empty list of positive numbers, not {self.lp_cs}")
+        if self.workers < 1 or self.batch_size % self.workers:
+            raise UserError(f"train.workers must be at least 1 and divide train.batch_size ({self.batch_size}), "
+                            f"not {self.workers}: the global batch stays batch_size, batch_size / workers each")
+        if self.loader_workers < -1:
+            raise UserError(f"train.loader_workers must be -1 (one per spare core), 0 or more, "
+                            f"not {self.loader_workers}")
 
 
-class ImageRows(Dataset):
-    """Manifest rows as (tensor, class index); `column` names the file: `cached` copies or original `path`."""
-
-    def __init__(self, rows, classes, transform, column="path"):
-        self.rows, self.index, self.transform = rows, {c: i for i, c in enumerate(classes)}, transform
-        self.column = column
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        r = self.rows[i]
-        return self.transform(presets.load_rgb(r[self.column])), self.index[r["label"]]
-
-
-def loader(rows, classes, transform, batch_size, shuffle=False, seed=0, column="path", balanced=False):
-    """Batches in order, shuffled, or (`balanced`) drawn with each class equally likely."""
-    g = torch.Generator().manual_seed(seed)
-    data = ImageRows(rows, classes, transform, column)
-    if balanced:
-        weights = class_weights(rows, classes)[[data.index[r["label"]] for r in rows]]
-        sampler = WeightedRandomSampler(weights, len(rows), generator=g)
-        return DataLoader(data, batch_size=batch_size, sampler=sampler)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g)
-
-
-def class_weights(rows, classes):
-    """Inverse class frequency, mean 1 over the rows."""
-    counts = torch.tensor([sum(r["label"] == c for r in rows) for c in classes], dtype=torch.float)
-    w = 1.0 / counts.clamp(min=1)
-    return w * len(rows) / (w[[classes.index(r["label"]) for r in rows]].sum())
-
-
-def save_augmented_grid(rows, classes, pp, p, path, n=16):
-    """A PNG grid of augmented training samples: what the model sees, for people to check."""
-    tf = presets.train_transform(pp, p.crop_scale, p.hflip, p.policy)
-    x, _ = next(iter(loader(rows, classes, tf, n, shuffle=True, seed=p.seed, column="cached")))
-    mean, std = torch.tensor(pp.mean)[:, None, None], torch.tensor(pp.std)[:, None, None]
-    grid = make_grid((x * std + mean).clamp(0, 1), nrow=4, padding=2)
-    atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
-
-
-@torch.no_grad()
-def predict(model, batches, device, desc=None):
-    """Logits and labels over `batches`, in order."""
-    model.eval()
-    out, labels = [], []
-    for x, y in tqdm(batches, desc=desc, unit="batch", disable=desc is None):
-        out.append(model(x.to(device)).float().cpu())
-        labels.append(y)
-    return torch.cat(out), torch.cat(labels)
+def eval_loader(rows, classes, pp, p, device, shard=SOLO, transform=None, seed=0):
+    """This process's share of `rows` in order, under the eval transform (or `transform`), from the cached copies."""
+    return loader(rows, classes, transform or presets.eval_transform(pp), p.batch_size, seed=seed, column="cached",
+                  workers=loader_workers(p.loader_workers, shard.cpus, device), device=device, shard=shard)
 
 
 def freeze_bn(model):
@@ -134,16 +96,17 @@ def holdout_score(logits, labels):
     return (round((logits.argmax(1) == labels).float().mean().item(), 6), -F.cross_entropy(logits, labels).item())
 
 
-def probe_features(model, rows, classes, p, device, views):
-    """Body features of `rows` under each transform in `views`: (x [views*n, d], y [views*n], image index)."""
-    feats = [predict(model.body, loader(rows, classes, tf, p.batch_size, column="cached"), device,
-                     f"train: features, view {i + 1}/{len(views)}" if len(rows) > 64 else None)
+def probe_features(model, rows, classes, p, device, views, shard=SOLO):
+    """Body features of `rows` under each transform in `views`: (x [views*n, d] float64, y [views*n], image
+    index). Held once as float32 per view and once as the float64 result: 12 bytes per image, view and feature."""
+    feats = [predict(model.body, eval_loader(rows, classes, None, p, device, shard, tf, p.seed + i), device,
+                     f"train: features, view {i + 1}/{len(views)}" if len(rows) > 64 else None, shard)
              for i, tf in enumerate(views)]
-    x, y = torch.cat([f for f, _ in feats]), torch.cat([l for _, l in feats])
-    return x.double().numpy(), y.numpy(), np.tile(np.arange(len(rows)), len(views))
+    x = np.concatenate([f.numpy() for f, _ in feats], dtype=np.float64)
+    return x, np.concatenate([y.numpy() for _, y in feats]), np.tile(np.arange(len(rows)), len(views))
 
 
-def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
+def linear_probe(model, train_rows, hold_rows, classes, pp, p, device, shard=SOLO):
     """The head as a logistic regression on cached body features, its regularisation chosen by k-fold
     cross-validation on train + holdout (never by the best step on a few dozen holdout images).
 
@@ -152,8 +115,8 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
     train + holdout: the probe to keep when the body stays frozen, and the baseline evaluate reports."""
     aug = presets.train_transform(pp, p.crop_scale, p.hflip, p.policy)
     views = [presets.eval_transform(pp)] + [aug] * (p.lp_views - 1)
-    x, y, image = probe_features(model, train_rows, classes, p, device, views)
-    hx, hy, _ = probe_features(model, hold_rows, classes, p, device, views[:1])
+    x, y, image = probe_features(model, train_rows, classes, p, device, views, shard)
+    hx, hy, _ = probe_features(model, hold_rows, classes, p, device, views[:1], shard)
     n = len(train_rows)
     c, cv = choose_c(np.concatenate([x[:n], hx, x[n:]]), np.concatenate([y[:n], hy, y[n:]]),
                      np.concatenate([image[:n], n + np.arange(len(hx)), image[n:]]), p)
@@ -163,45 +126,33 @@ def linear_probe(model, train_rows, hold_rows, classes, pp, p, device):
     set_head(model.head, w.to(device), b.to(device))
     row = {"phase": "linear_probe", "epoch": 0, "train_loss": "", "holdout_loss": round(-score[1], 4),
            "holdout_acc": round(score[0], 4), **cv}
-    print(f"train: linear probe C={c} cross-validated accuracy {cv.get('cv_acc', '-')} "
-          f"(+/- {cv.get('cv_acc_std', '-')} over {cv['cv_folds']} folds), holdout {row['holdout_acc']}")
+    shard.say(f"train: linear probe C={c} cross-validated accuracy {cv.get('cv_acc', '-')} "
+               f"(+/- {cv.get('cv_acc_std', '-')} over {cv['cv_folds']} folds), holdout {row['holdout_acc']}")
     return row, hold_logits, fit_probe(np.concatenate([x, hx]), np.concatenate([y, hy]), c, p.balance != "none")
 
 
-def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history):
+def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history, shard=SOLO):
     """Train all weights, the body at a lower rate; keep the last epoch, or the best on holdout."""
     train_dl = loader(train_rows, classes, presets.train_transform(pp, p.crop_scale, p.hflip, p.policy),
-                      p.batch_size, shuffle=True, seed=p.seed, column="cached", balanced=p.balance == "sampler")
+                      p.batch_size, shuffle=True, seed=p.seed, column="cached", balanced=p.balance == "sampler",
+                      workers=loader_workers(p.loader_workers, shard.cpus, device), device=device, shard=shard, pad=True)
     weight = class_weights(train_rows, classes).to(device) if p.balance == "loss" else None
     mix = MIXES[p.mix](num_classes=len(classes)) if MIXES[p.mix] else None
-    hold_dl = loader(hold_rows, classes, presets.eval_transform(pp), p.batch_size, column="cached")
+    hold_dl = eval_loader(hold_rows, classes, pp, p, device, shard)
     opt = torch.optim.AdamW([{"params": model.body.parameters(), "lr": p.ft_backbone_lr},
                              {"params": model.head.parameters(), "lr": p.ft_lr}], weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.ft_epochs * len(train_dl))
+    trained = shard.wrap(model)          # the same parameters; under DDP its gradients are averaged
     best, best_state, stale = start, None, 0
     if p.select == "best":
         best_state = copy.deepcopy(model.state_dict())
     for epoch in range(1, p.ft_epochs + 1):
-        t0, total, n = time.perf_counter(), 0.0, 0
-        model.train()
-        if p.weights != "none":          # pretrained statistics are worth keeping; a fresh net needs its own
-            freeze_bn(model)
-        for x, y in tqdm(train_dl, desc=f"train: fine-tune epoch {epoch}/{p.ft_epochs}", unit="batch"):
-            if mix:
-                x, y = mix(x, y)                # soft targets
-            loss = F.cross_entropy(model(x.to(device)), y.to(device), weight=weight,
-                                   label_smoothing=p.label_smoothing)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, n = total + loss.item() * len(y), n + len(y)
-        score = holdout_score(*predict(model, hold_dl, device))
-        history.append({"phase": "finetune", "epoch": epoch, "train_loss": round(total / n, 4),
-                        "holdout_loss": round(-score[1], 4), "holdout_acc": round(score[0], 4),
-                        "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"train: epoch {epoch} " + " ".join(f"{k}={v}" for k, v in history[-1].items()
-                                                   if k not in ("phase", "epoch")))
+        row = {"phase": "finetune", "epoch": epoch,
+               **train_one_epoch(trained, train_dl, opt, sched, mix, weight, p, device, epoch, shard)}
+        score = holdout_score(*predict(model, hold_dl, device, shard=shard))
+        history.append({**row, "holdout_loss": round(-score[1], 4), "holdout_acc": round(score[0], 4)})
+        shard.say(f"train: epoch {epoch} " + " ".join(f"{k}={v}" for k, v in history[-1].items()
+                                                       if k not in ("phase", "epoch")))
         if score > best:
             best, stale = score, 0
             if p.select == "best":
@@ -209,10 +160,41 @@ def finetune(model, train_rows, hold_rows, classes, pp, p, device, start, histor
         else:
             stale += 1
             if p.patience and stale >= p.patience:
-                print(f"train: early stop, holdout score has not improved for {stale} epochs")
+                shard.say(f"train: early stop, holdout score has not improved for {stale} epochs")
                 break
     if p.select == "best":
         model.load_state_dict(best_state)
+
+
+def train_one_epoch(model, batches, opt, sched, mix, weight, p, device, epoch, shard=SOLO):
+    """One pass over `batches`; returns train_loss, images/s and the seconds spent waiting for the loader,
+    over every process (`loader_wait_s` near `seconds`: the input pipeline is the bottleneck)."""
+    model.train()
+    if p.weights != "none":              # pretrained statistics are worth keeping; a fresh net needs its own
+        freeze_bn(model)
+    t0, wait, total, n = time.perf_counter(), 0.0, 0.0, 0
+    tick = t0
+    for x, y in tqdm(batches, desc=f"train: fine-tune epoch {epoch}/{p.ft_epochs}", unit="batch",
+                     disable=shard.rank > 0):
+        wait += time.perf_counter() - tick
+        if mix:
+            x, y = mix(x, y)                # soft targets
+        with autocast(device):
+            loss = F.cross_entropy(model(to_device(x, device)), y.to(device), weight=weight,
+                                   label_smoothing=p.label_smoothing)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        total, n = total + loss.item() * len(y), n + len(y)
+        tick = time.perf_counter()
+    seconds = time.perf_counter() - t0
+    total, n, wait = shard.gather(torch.tensor([[total, n, wait]], dtype=torch.float64)).sum(0).tolist()
+    row = {"train_loss": round(total / n, 4), "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 1),
+           "loader_wait_s": round(wait / shard.world, 1)}
+    if str(device).startswith("cuda"):                  # this process's peak, the first GPU's under DDP
+        row["gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+    return row
 
 
 def at_test_size(pp, size):
@@ -230,25 +212,43 @@ def at_test_size(pp, size):
 
 
 def run(manifest, out_dir, p, device="cpu", exclude=()):
-    """Train on the manifest's train split, select on holdout; write model.pt and history.csv. `exclude`:
-    image paths to leave out (the labels stage's suspects under `labels.label_issue: drop`)."""
-    torch.manual_seed(p.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    """Train on the manifest's train split, select on holdout; write model.pt, history.csv and augmented.png.
+    `exclude`: image paths to leave out (the labels stage's suspects under `labels.label_issue: drop`)."""
+    t0 = time.perf_counter()
     train_rows, classes = read_manifest(manifest, {"train"})
     hold_rows, _ = read_manifest(manifest, {"holdout"})
     exclude = set(exclude)
     train_rows, hold_rows = ([r for r in rs if r["path"] not in exclude] for rs in (train_rows, hold_rows))
     if not train_rows or not hold_rows:
         raise UserError(f"{manifest}: train needs images in both the train and holdout splits")
+    if p.workers > 1:
+        from stages import distributed          # Ray is imported, and started, only when asked for
+        ckpt, history = distributed.fit(train_rows, hold_rows, classes, p, device)
+    else:
+        ckpt, history = fit(train_rows, hold_rows, classes, p, device)
+    out = Path(out_dir)
+    pp = presets.Preprocessing.from_json(ckpt["preprocessing"])
+    save_grid(train_rows, classes, presets.train_transform(pp, p.crop_scale, p.hflip, p.policy), pp, p.seed,
+              out / "augmented.png")
+    save_checkpoint(out / "model.pt", ckpt)
+    atomic_write(out / "history.csv", lambda tmp: write_history(tmp, history))
+    return {"seconds": round(time.perf_counter() - t0, 1), "history": history, "selection": ckpt["selection"]}
+
+
+def fit(train_rows, hold_rows, classes, p, device="cpu", shard=SOLO):
+    """The recipe: (checkpoint, history rows). Every process of a data-parallel run calls it with its `shard`;
+    their decisions agree, as each sees every process's holdout predictions."""
+    torch.manual_seed(p.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     model, pp = backbones.create(p.backbone, p.weights, len(classes), p.dropout)
     model.to(device)
-    out = Path(out_dir)
+    if str(device).startswith("cuda"):
+        model.to(memory_format=torch.channels_last)
     pp = at_test_size(pp, p.test_size)
-    save_augmented_grid(train_rows, classes, pp, p, out / "augmented.png")
     history, t0, selection, extra = [], time.perf_counter(), {"kept": p.strategy}, {}
     start = (-1.0, 0.0)
     if p.strategy in ("linear_probe", "lp_ft"):
-        row, probe_logits, probe = linear_probe(model, train_rows, hold_rows, classes, pp, p, device)
+        row, probe_logits, probe = linear_probe(model, train_rows, hold_rows, classes, pp, p, device, shard)
         history.append({**row, "seconds": round(time.perf_counter() - t0, 1)})
         selection.update({k: v for k, v in row.items() if k.startswith(("cv_", "lp_"))},
                          probe_holdout_acc=row["holdout_acc"])
@@ -258,10 +258,9 @@ def run(manifest, out_dir, p, device="cpu", exclude=()):
             set_head(model.head, *(t.to(device) for t in probe))
     if p.strategy in ("finetune", "lp_ft"):
         probe_state = copy.deepcopy(model.state_dict())
-        finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history)
+        finetune(model, train_rows, hold_rows, classes, pp, p, device, start, history, shard)
     if p.strategy == "lp_ft":
-        hold_dl = loader(hold_rows, classes, presets.eval_transform(pp), p.batch_size, column="cached")
-        ft_logits, labels = predict(model, hold_dl, device)
+        ft_logits, labels = predict(model, eval_loader(hold_rows, classes, pp, p, device, shard), device, shard=shard)
         kept, numbers = earned(ft_logits, probe_logits, labels, p.ft_margin_se)
         selection.update(numbers, kept="finetune" if kept else "linear_probe")
         if kept:
@@ -272,21 +271,22 @@ def run(manifest, out_dir, p, device="cpu", exclude=()):
             set_head(model.head, *(t.to(device) for t in probe))
             selection["why"] = (f"fine-tuning did not earn its place: holdout gain {numbers['holdout_gain']:+.4f}"
                                 f" is not above {p.ft_margin_se} x {numbers['holdout_gain_se']} standard error")
-        print(f"train: kept {selection['kept']}: {selection['why']}")
-    ckpt = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "backbone": p.backbone,
+        shard.say(f"train: kept {selection['kept']}: {selection['why']}")
+    ckpt = {"model": {k: v.cpu().contiguous() for k, v in model.state_dict().items()}, "backbone": p.backbone,
             "classes": classes, "dropout": p.dropout, "preprocessing": pp.to_json(),
             "params": dataclasses.asdict(p), "selection": selection, **extra}
-    save_checkpoint(out / "model.pt", ckpt)
+    return ckpt, history
 
-    def write_history(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, ["phase", "epoch", "train_loss", "holdout_loss", "holdout_acc", "seconds"],
-                               extrasaction="ignore")
-            w.writeheader()
-            w.writerows(history)
 
-    atomic_write(out / "history.csv", write_history)
-    return {"seconds": round(time.perf_counter() - t0, 1), "history": history, "selection": selection}
+HISTORY = ["phase", "epoch", "train_loss", "holdout_loss", "holdout_acc", "seconds", "images_per_s", "loader_wait_s",
+           "gpu_mem_mb"]
+
+
+def write_history(path, history):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, HISTORY, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)
 
 
 def save_checkpoint(path, ckpt):
