@@ -57,3 +57,8 @@ predict-folder: $(STAMP)
 bench: $(STAMP)
 	python -m benchmarks.datasets --out benchmarks
 	python -m benchmarks.run --out benchmarks
+	python -m benchmarks.scale | tee benchmarks/SCALE.md
+	python -m benchmarks.scale_train | tee benchmarks/SCALE_TRAIN.md
+	python -m benchmarks.batch_bench | tee benchmarks/BATCH.md
+	python -m benchmarks.label_bench | tee benchmarks/LABELS.md
+	python -m benchmarks.gpu_check | tee benchmarks/GPU.md

@@ -10,9 +10,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import os
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from serve import batch, predict_folder
 from serve.model import Model, Params, preprocess
 from stages import runtime
 from stages.config import UserError, cli, load_section
+from stages.machine import describe
 
 CARD = Path("outputs/deploy/card.json")
 BATCHES = (1, 2, 4, 8, 16, 32)
@@ -68,14 +67,6 @@ def limit(model, files, cores, infer_images=128):
     return 1 / (1 / decode + 1 / max(infer.values())), decode, infer
 
 
-def cpu():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor()
-    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = " ".join(f for f in ("avx512_vnni", "avx2") if f in out)
-    return f"{name} ({flags}), {os.cpu_count()} cores"
 
 
 def run(card, n, p, work):
@@ -86,7 +77,7 @@ def run(card, n, p, work):
     files = sorted(images.iterdir())
     model = Model(card, p.threads)
     cores = os.cpu_count()
-    r = {"cpu": cpu(), "n": len(files), "variant": model.card["variant"]}
+    r = {"cpu": describe(), "n": len(files), "variant": model.card["variant"]}
     r["single_s"] = timed(lambda: predict_folder.run(card, images, work / "single.csv", p))
     from stages.cluster import ray_init
     r["ray_init_s"] = timed(ray_init)

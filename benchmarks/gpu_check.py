@@ -6,11 +6,11 @@ table and returns a dict; on a machine without a CUDA GPU it says so in one line
 """
 import argparse
 import dataclasses
-import subprocess
 import tempfile
 from pathlib import Path
 
 from benchmarks.prepare_scale import make_folder
+from stages.machine import describe
 
 
 def main(argv=None):
@@ -29,8 +29,8 @@ def main(argv=None):
     gpus = torch.cuda.device_count()
     recipe = load_section(train.Params, "train") if PARAMS.exists() else train.Params()
     print(f"gpu_check: {gpus} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}, recipe {recipe.backbone} "
-          f"{recipe.strategy}, batch {recipe.batch_size}; {cpu()}")
-    results = {"gpus": gpus, "gpu": torch.cuda.get_device_name(0), "cpu": cpu(), "runs": []}
+          f"{recipe.strategy}, batch {recipe.batch_size}; {describe()}")
+    results = {"gpus": gpus, "gpu": torch.cuda.get_device_name(0), "cpu": describe(), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_folder(tmp / "src", args.images, 640)
@@ -55,15 +55,6 @@ def table(runs):
     return "\n".join(lines)
 
 
-def cpu():
-    """The CPU's model name and its AVX-512 VNNI / AVX2 flags, as lscpu says them."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "CPU unknown"
-    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = [f for f in ("avx512_vnni", "avx2") if f in out.split()]
-    return f"{name} ({', '.join(flags) or 'no AVX2'})"
 
 
 if __name__ == "__main__":

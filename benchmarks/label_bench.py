@@ -9,8 +9,6 @@ Not part of `make bench`:  python -m benchmarks.label_bench --manifest outputs/p
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 
 import numpy as np
@@ -18,13 +16,10 @@ from cleanlab.rank import get_label_quality_scores
 
 from stages import labels, train
 from stages.config import load_section
+from stages.machine import describe
 from stages.manifest import read_manifest
 
 
-def cpu():
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("Model name")), "?")
-    return f"{name} ({', '.join(f for f in ('avx2', 'avx512_vnni') if f in flags) or platform.machine()})"
 
 
 def recovery(x, y, n_classes, tp, lp, fraction, seed):
@@ -58,7 +53,7 @@ def flipped_recovery(manifest, tp, lp, fraction=0.05, seeds=(0,), device="cpu"):
             "runs": runs, "mean_recovery": round(float(np.mean([r["recovery"] for r in runs])), 3),
             "min_recovery": min(r["recovery"] for r in runs),
             "mean_recovery_full_ranking": round(float(np.mean([r["recovery_full_ranking"] for r in runs])), 3), "features_s": round(t_feat, 1),
-            "probes_and_cleanlab_s_per_seed": round((time.perf_counter() - t1) / len(seeds), 1), "cpu": cpu(),
+            "probes_and_cleanlab_s_per_seed": round((time.perf_counter() - t1) / len(seeds), 1), "cpu": describe(),
             "loadavg": [round(v, 1) for v in os.getloadavg()]}
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 from PIL import Image, ImageDraw, ImageFilter
+from stages.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (1600, 1200)
@@ -142,14 +143,9 @@ def run(n=5000, small=1000, tmp=None):
             "first_s": first, "rerun_s": again, "rerun_fraction": again / first,
             "rerun_cpu_fraction": c_again / c_first, "rerun_equals_scratch": same,
             "peak_mb_small_1": m_small1 / 2**20, "peak_mb_small": m_small / 2**20, "peak_mb_n": m_big / 2**20,
-            "cpu": cpu(), "load_before": load, "load_after": os.getloadavg()[0]}
+            "cpu": describe(), "load_before": load, "load_after": os.getloadavg()[0]}
 
 
-def cpu():
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = [f for f in ("avx512_vnni", "avx2") if f in out]
-    return f"{name}, {os.cpu_count()} cores ({', '.join(flags)})"
 
 
 def table(r):

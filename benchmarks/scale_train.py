@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.gpu_check import cpu
 from benchmarks.prepare_scale import make_folder
+from stages.machine import describe
 
 
 def prepared(root, n, side):
@@ -58,7 +58,7 @@ def main(argv=None):
     from stages import train
     from stages.cluster import ray_init
 
-    out = {"cpu": cpu(), "speed": [], "memory": []}
+    out = {"cpu": describe(), "speed": [], "memory": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = prepared(tmp / "speed", args.speed_images, 320)
