@@ -202,6 +202,8 @@ async def read_parts(request, boundary, p):
 def create_app(card_path, p):
     """The service for the model `card_path` names; UserError, before any port opens, if it does not check out."""
     model = Model(card_path, p.threads)
+    if model.cpu_warning:
+        print(model.cpu_warning, file=sys.stderr, flush=True)
     model.warm(p.max_batch_size)
     metrics = Metrics(model)
     batcher = Batcher(model.infer, p.max_batch_size, p.max_wait_ms, metrics.on_batch)

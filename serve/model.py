@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages import presets, runtime, trust
+from stages import machine, presets, runtime, trust
 from stages.card import read_card
 from stages.config import UserError
 
@@ -88,6 +88,12 @@ class Model:
             raise UserError(f"{self.card['model']} lacks the metadata {e} that stages.export writes") from None
         self.transform = presets.eval_transform(self.pp).array    # numpy out: no torch
         self.trust = trust.Trust.from_metadata(self.sess.get_modelmeta().custom_metadata_map)
+        built = self.card.get("built_on")
+        diff = machine.differences(built) if built else []
+        self.cpu_warning = (f"warning: the deploy stage chose and timed {self.card['variant']} on "
+                            f"{machine.describe(built)}; this machine is {machine.describe()} ({'; '.join(diff)}): "
+                            "INT8 against FP32 may rank otherwise here; re-run `dvc repro -f deploy` on this machine "
+                            "to check") if diff else None
 
     def warm(self, batch):
         """Run a batch of one and one of `batch` zero images: ONNX Runtime grows its memory arena to the largest

@@ -35,18 +35,18 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from stages import presets, probe, prune, quantize, runtime, timing, trust  # noqa: E402
+from stages import machine, presets, probe, prune, quantize, runtime, timing, trust  # noqa: E402
 from stages.card import write_card  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section, typed  # noqa: E402
 from stages.evaluate import scores  # noqa: E402
 from stages.export import parity, predict_onnx, to_onnx  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
-from stages.train import load_model, loader, predict, probe_features  # noqa: E402
+from stages.train import Params as TrainParams, load_model, loader, predict, probe_features  # noqa: E402
 
 BASELINE, FALLBACK = "pytorch_fp32", "onnx_fp32"
 # card facts kept out of the ONNX file's metadata: they change from run to run (timings, the git revision) or
 # come after it (its hash), and the same inputs and choice must give the same model bytes
-MEASURED = ("sha256", "git_rev", "reason", "metrics")
+MEASURED = ("sha256", "git_rev", "reason", "metrics", "built_on")
 SOURCES = {"onnx_int8": "onnx_fp32", "pruned_int8": "pruned_fp32"}   # INT8 variant -> the FP32 it quantizes
 
 
@@ -221,8 +221,8 @@ def heldout_logits(model, ckpt, chosen_file, hold, rows, classes, p):
     sel, tp = ckpt.get("selection", {}), ckpt["params"]
     if sel.get("kept") != "linear_probe":
         return predict_onnx(runtime.session(chosen_file, p.threads), hold)
-    x, y, _ = probe_features(model, rows, classes, p, "cpu", [presets.eval_transform(
-        presets.Preprocessing.from_json(ckpt["preprocessing"]))])
+    x, y, _ = probe_features(model, rows, classes, TrainParams(batch_size=p.batch_size, seed=tp["seed"]), "cpu",
+                             [presets.eval_transform(presets.Preprocessing.from_json(ckpt["preprocessing"]))])
     folds, out = min(tp["lp_folds"], np.bincount(y).min()), np.zeros((len(y), len(classes)), np.float32)
     for tr, te in StratifiedKFold(max(folds, 2), shuffle=True, random_state=tp["seed"]).split(x, y):
         w, b = probe.fit_probe(x[tr], y[tr], sel.get("lp_c", 1.0), tp["balance"] != "none")
@@ -260,7 +260,8 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
                 "quantization": int8.get(chosen, {}).get("settings"), "git_rev": git_rev(),
                 "params": {"train": ckpt["params"], "deploy": dataclasses.asdict(p), "prune": (
                     torch.load(pruned, weights_only=True)["pruning"]["params"] if "pruned" in chosen else None)},
-                "onnxruntime": ort.__version__, "trust": {**dataclasses.asdict(fitted), "fit": fit},
+                "onnxruntime": ort.__version__, "built_on": machine.cpu(),
+                "trust": {**dataclasses.asdict(fitted), "fit": fit},
                 "metrics": {k: table[chosen][k] for k in ("accuracy", "agreement", "latency_ms_p50",
                                                           "throughput_b1", "speedup_b1")}}
         report = {"chosen": chosen, "reasons": reasons, "budget": dataclasses.asdict(p.budget),

@@ -25,7 +25,7 @@ from stages import presets, probe, runtime, trust  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
 from stages.quantize import calibration_rows  # noqa: E402
-from stages.train import load_model, loader, predict, probe_features  # noqa: E402
+from stages.train import Params as TrainParams, load_model, loader, predict, probe_features  # noqa: E402
 
 # name -> (function of a float [0, 1] batch and a severity, the 3 severities, mild to strong); on the network's
 # 256 px view, after the eval transform's resize and crop, so a severity means the same on every image size
@@ -194,7 +194,7 @@ def run(checkpoint, card_path, manifest, out_dir, p):
     e_val = trust.energy(logits, fitted.temperature)
     z_syn = {k: onnx_logits(sess, v, p.batch_size) for k, v in syn_x.items()}
     e_syn = {k: trust.energy(z, fitted.temperature) for k, z in z_syn.items()}
-    train_f, train_y = probe_features(model, train_rows, classes, p, "cpu", [tf])[:2]
+    train_f, train_y = probe_features(model, train_rows, classes, TrainParams(batch_size=p.batch_size), "cpu", [tf])[:2]
     train_f, train_y = torch.from_numpy(train_f).float(), train_y
     k_val = knn_scores(train_f, torch.from_numpy(train_y), val_f, p.knn_k)
     k_syn = knn_scores(train_f, torch.from_numpy(train_y), torch.cat([torch_out(model, v, p.batch_size)[0]

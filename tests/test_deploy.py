@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from stages import deploy, export, presets, prune, quantize, runtime, trust
+from stages import deploy, export, machine, presets, prune, quantize, runtime, trust
 from stages.config import UserError
 from stages.manifest import read_manifest
 from stages.train import loader
@@ -85,7 +85,8 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     assert meta["variant"] == "onnx_fp32" and json.loads(meta["classes"]) == card["classes"] == ["blue", "red"]
     assert json.loads(meta["params"])["deploy"]["budget"]["min_speedup"] == 1000.0 and meta["opset"] == "17"
     assert runtime.metadata(runtime.session(out / "model.onnx"))[0] == ["blue", "red"]   # what the server reads
-    assert not {"git_rev", "metrics", "reason", "sha256"} & set(meta)       # run-to-run facts stay in the card
+    assert not {"git_rev", "metrics", "reason", "sha256", "built_on"} & set(meta)   # run and host facts: card only
+    assert card["built_on"] == machine.cpu() and card["built_on"]["cores"] >= 1
     fitted = trust.Trust.from_metadata(runtime.session(out / "model.onnx").get_modelmeta().custom_metadata_map)
     assert json.loads(meta["trust"]) == card["trust"] and fitted.temperature == card["trust"]["temperature"] > 0
     assert card["trust"]["fit"]["images"] > 0 and card["trust"]["fit"]["target_accuracy"] == 0.99

@@ -277,6 +277,20 @@ def test_a_model_that_differs_from_its_card_refuses_to_start(card, tmp_path):
     assert r.stderr.startswith("error: ") and "refusing to serve" in r.stderr and model in r.stderr
 
 
+def test_a_model_chosen_on_another_cpu_warns_at_start_naming_the_difference(card, tmp_path, capsys):
+    from stages import machine
+    here = machine.cpu()
+    other = {"model": "Some Other CPU", "cores": 64, "flags": ["avx2"]}
+    faked = write_card(tmp_path / "card.json", card.parent / "model.onnx", built_on=other)
+    serve_app.create_app(faked, PARAMS)
+    err = capsys.readouterr().err
+    assert "warning:" in err and "Some Other CPU" in err and here["model"] in err and "dvc repro -f deploy" in err
+    assert all(f in err for f in set(here["flags"]) - {"avx2"})       # the extensions only this machine has
+    same = write_card(tmp_path / "same.json", card.parent / "model.onnx", built_on=here)
+    serve_app.create_app(same, PARAMS)
+    assert "warning:" not in capsys.readouterr().err
+
+
 def test_an_idle_connection_is_kept_past_the_usual_client_expiry(url):
     """Clients and balancers reuse a connection idle for up to their own expiry (httpx: 5 s). A server closing
     it at that same moment (uvicorn's default, 5 s) resets the odd request under load; this one waits for
