@@ -6,24 +6,15 @@ file), its static INT8, the pruned checkpoint as ONNX FP32, and that one's INT8.
 `min_agreement` (no labels needed; val stays untouched). When none does, each module scope is left in FP32
 in turn to find the layers that break it, and the `exclude_worst` worst stay FP32 in one last try.
 
-Timing, at `threads` threads (PyTorch too): every variant in a process of its own, loaded as a service loads
-it, timed in blocks interleaved round by round (a machine that slows down slows every variant alike). Batch-1
-latency first, then batch throughput, then batch-1 latency once more. The order matters for PyTorch eager:
-in a process that has only ever run single images, glibc hands the freed activations back to the system
-after every call and the next call page-faults them in again (about 6,000 minor faults, 24 MB, per call for
-Lite0 at 256 px: 55 ms here). One batch-32 call raises glibc's trim threshold past that, and the same
-batch-1 call then faults nothing (38 ms). So does the scoring at batch 32 this stage does first, which is
-why the timing happens elsewhere. `latency_ms_p50`, the service's case, decides; `latency_ms_p50_after_batch`
-shows the other. ONNX Runtime keeps its own memory arena and is much the same in both.
+Timing (stages/timing.py): every variant in a process of its own, at `threads` threads, in rotated rounds;
+`latency_ms_p50`, a single-image service's case, decides.
 """
 import argparse
 import csv
 import dataclasses
 import json
-import multiprocessing
 import subprocess
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -122,40 +113,6 @@ def select(variants, budget):
     return chosen, reasons
 
 
-def rounds(workers, x, repeats, p):
-    """{variant: seconds per call}: `p.warmup` untimed calls each, then `p.rounds` rounds of `repeats` calls
-    per variant, the order rotated every round so that no variant always goes first."""
-    names, out = list(workers), {n: [] for n in workers}
-    for n in names:
-        workers[n].submit(timing.calls, x, p.warmup).result()
-    for r in range(p.rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            out[n] += workers[n].submit(timing.calls, x, repeats).result()
-    return out
-
-
-def bench(files, x1, xb, p):
-    """Per variant file: batch-1 latency (ms), full-batch throughput (images/s), then batch-1 latency again,
-    each variant in a fresh process of its own (see the module's docstring)."""
-    spawn = multiprocessing.get_context("spawn")
-    workers = {n: ProcessPoolExecutor(1, spawn, timing.load, (str(f), p.threads)) for n, f in files.items()}
-    try:
-        lat, thr, again = (rounds(workers, x, k, p) for x, k in ((x1, p.repeats), (xb, p.batch_repeats),
-                                                                  (x1, p.repeats)))
-    finally:
-        for w in workers.values():
-            w.shutdown(cancel_futures=True)
-    r2 = lambda v: round(float(v), 2)  # noqa: E731
-    ms = {n: np.array(v) * 1e3 for n, v in lat.items()}
-    return {n: {"latency_ms_p50": r2(np.median(ms[n])), "latency_ms_p99": r2(np.percentile(ms[n], 99)),
-                "latency_ms_min": r2(ms[n].min()), "latency_ms_max": r2(ms[n].max()),
-                "latency_ms_p50_after_batch": r2(np.median(again[n]) * 1e3),
-                "throughput_b1": r2(1 / np.median(lat[n])), f"throughput_b{len(xb)}": r2(len(xb) / np.median(thr[n])),
-                f"throughput_b{len(xb)}_min": r2(len(xb) / max(thr[n])),
-                f"throughput_b{len(xb)}_max": r2(len(xb) / min(thr[n]))}
-            for n in files}
-
-
 def git_rev():
     r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
@@ -192,7 +149,7 @@ def variants(checkpoint, onnx_path, pruned, work, cal_rows, cal_x, hold, p):
 
 
 def measure(model, classes, files, val, p):
-    """The variant table (scores on val against the PyTorch logits, timings from `bench`) and the logits."""
+    """The variant table (scores on val against the PyTorch logits, timings from `timing.bench`) and the logits."""
     before = torch.get_num_threads()
     torch.set_num_threads(p.threads)
     try:
@@ -202,10 +159,10 @@ def measure(model, classes, files, val, p):
     logits = {BASELINE: ref, **{n: predict_onnx(runtime.session(f, p.threads), val)[0]
                                 for n, f in files.items() if n != BASELINE}}
     x = val[0][0].numpy()
-    timing = bench(files, x[:1], np.resize(x, (p.batch_size, *x.shape[1:])), p)
-    base = timing[BASELINE]["latency_ms_p50"]
-    table = {n: {**score(v, labels, ref, classes), **timing[n],
-                 "speedup_b1": round(base / timing[n]["latency_ms_p50"], 2),
+    timed = timing.bench(files, x[:1], np.resize(x, (p.batch_size, *x.shape[1:])), p)
+    base = timed[BASELINE]["latency_ms_p50"]
+    table = {n: {**score(v, labels, ref, classes), **timed[n],
+                 "speedup_b1": round(base / timed[n]["latency_ms_p50"], 2),
                  "size_mb": round(files[n].stat().st_size / 2**20, 3)}
              for n, v in logits.items()}
     return table, logits

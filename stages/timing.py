@@ -1,10 +1,25 @@
-"""The deploy stage's timing worker: one model per spawned process, an ONNX file or a PyTorch checkpoint.
+"""The deploy stage's timing: one model per spawned process (an ONNX file or a PyTorch checkpoint), timed in
+rotated rounds side by side.
+
+Timing, at `threads` threads (PyTorch too): every variant in a process of its own, loaded as a service loads
+it, timed in blocks interleaved round by round (a machine that slows down slows every variant alike). Batch-1
+latency first, then batch throughput, then batch-1 latency once more. The order matters for PyTorch eager:
+in a process that has only ever run single images, glibc hands the freed activations back to the system
+after every call and the next call page-faults them in again (about 6,000 minor faults, 24 MB, per call for
+Lite0 at 256 px: 55 ms here). One batch-32 call raises glibc's trim threshold past that, and the same
+batch-1 call then faults nothing (38 ms). So does the scoring at batch 32 the deploy stage does first, which is
+why the timing happens elsewhere. `latency_ms_p50`, the service's case, decides; `latency_ms_p50_after_batch`
+shows the other. ONNX Runtime keeps its own memory arena and is much the same in both.
 
 Apart from `stages.runtime` so that the serving library imports no stage: only a checkpoint's timing imports
 torch and `stages.prune`, inside `load`.
 """
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from stages.runtime import Runner
 
@@ -39,3 +54,37 @@ def calls(x, n):
         _model(x)
         out.append(time.perf_counter() - t)
     return out
+
+
+def rounds(workers, x, repeats, p):
+    """{variant: seconds per call}: `p.warmup` untimed calls each, then `p.rounds` rounds of `repeats` calls
+    per variant, the order rotated every round so that no variant always goes first."""
+    names, out = list(workers), {n: [] for n in workers}
+    for n in names:
+        workers[n].submit(calls, x, p.warmup).result()
+    for r in range(p.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            out[n] += workers[n].submit(calls, x, repeats).result()
+    return out
+
+
+def bench(files, x1, xb, p):
+    """Per variant file: batch-1 latency (ms), full-batch throughput (images/s), then batch-1 latency again,
+    each variant in a fresh process of its own (see the module's docstring)."""
+    spawn = multiprocessing.get_context("spawn")
+    workers = {n: ProcessPoolExecutor(1, spawn, load, (str(f), p.threads)) for n, f in files.items()}
+    try:
+        lat, thr, again = (rounds(workers, x, k, p) for x, k in ((x1, p.repeats), (xb, p.batch_repeats),
+                                                                  (x1, p.repeats)))
+    finally:
+        for w in workers.values():
+            w.shutdown(cancel_futures=True)
+    r2 = lambda v: round(float(v), 2)  # noqa: E731
+    ms = {n: np.array(v) * 1e3 for n, v in lat.items()}
+    return {n: {"latency_ms_p50": r2(np.median(ms[n])), "latency_ms_p99": r2(np.percentile(ms[n], 99)),
+                "latency_ms_min": r2(ms[n].min()), "latency_ms_max": r2(ms[n].max()),
+                "latency_ms_p50_after_batch": r2(np.median(again[n]) * 1e3),
+                "throughput_b1": r2(1 / np.median(lat[n])), f"throughput_b{len(xb)}": r2(len(xb) / np.median(thr[n])),
+                f"throughput_b{len(xb)}_min": r2(len(xb) / max(thr[n])),
+                f"throughput_b{len(xb)}_max": r2(len(xb) / min(thr[n]))}
+            for n in files}
