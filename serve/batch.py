@@ -9,9 +9,10 @@ same model reads them and scores only the files they lack. A file that is not a 
 table with the server's reason, and the job goes on.
 
 OUT, a folder: predictions/part-NNNNN.parquet (path, top1, probability, top_k_classes, top_k_probabilities,
-abstained, reason, model_sha256; probabilities calibrated and abstentions decided as the server does) and errors/part-NNNNN.parquet (path, kind, error, model_sha256); paths are relative to the root
-listed. OUT ending in .csv: the parts live in OUT.parts/ and OUT is predict_folder's CSV (path, top1,
-probability, top_k, error) plus abstained, reason and model_sha256, sorted by path.
+abstained, reason, model_sha256; probabilities calibrated and abstentions decided as the server does) and
+errors/part-NNNNN.parquet (path, kind, error, model_sha256); paths are relative to the root listed. OUT ending
+in .csv: the parts live in OUT.parts/ and OUT is predict_folder's CSV (path, top1, probability, top_k,
+abstained, reason, error) plus model_sha256, sorted by path.
 """
 import argparse
 import csv

@@ -1,7 +1,9 @@
-"""predict_folder: the served model over every file in a folder, to a CSV (path, top1, probability, top_k).
+"""predict_folder: the served model over every file in a folder, to a CSV (path, top1, probability, top_k,
+abstained, reason, error).
 
-The same card check, decoding, preprocessing and limits as the server; a file that is not a usable image gets a
-row with its error instead of a prediction, so every file is accounted for.
+The same card check, decoding, preprocessing, limits and answers (calibrated probabilities, abstentions) as the
+server; a file that is not a usable image gets a row with its error instead of a prediction, so every file is
+accounted for.
 
 One process, no Ray, no resuming: `make predict-folder` runs serve/batch.py (Ray Data, Parquet or this CSV,
 resumable); this stays for a quick look on one machine and as benchmarks/batch_bench.py's baseline.
@@ -18,7 +20,7 @@ from tqdm import tqdm
 from serve.model import InputError, Model, Params, preprocess, top_k
 from stages.config import UserError, atomic_write, cli, load_section
 
-FIELDS = ["path", "top1", "probability", "top_k", "error"]
+FIELDS = ["path", "top1", "probability", "top_k", "abstained", "reason", "error"]
 
 
 def predict(model, files, p, desc=None):
@@ -32,6 +34,8 @@ def predict(model, files, p, desc=None):
             return preprocess(f.read_bytes(), model.transform, p.max_pixels), None
         except InputError as e:
             return None, e.detail
+        except OSError as e:                                # unreadable: a row with the reason, the run goes on
+            return None, f"the file cannot be read: {e.strerror or e}"
 
     with concurrent.futures.ThreadPoolExecutor(p.decode_threads) as pool, \
             tqdm(total=len(files), desc=desc, unit="img", disable=desc is None) as bar:
@@ -39,14 +43,18 @@ def predict(model, files, p, desc=None):
             chunk = files[start:start + p.max_batch_size]
             decoded = list(pool.map(decode, chunk))
             ok = [x for x, _ in decoded if x is not None]
-            probs = iter(model.probabilities(model.infer(np.stack(ok))) if ok else [])
+            probs, reasons = model.decide(model.infer(np.stack(ok))) if ok else ([], [])   # the server's answer
+            answers = iter(zip(probs, reasons))
             for f, (x, err) in zip(chunk, decoded):
                 if err is not None:
-                    rows.append({"path": f, "top1": "", "probability": "", "top_k": "", "error": err})
+                    rows.append({"path": f, "top1": "", "probability": "", "top_k": "", "abstained": "",
+                                 "reason": "", "error": err})
                     continue
-                best = top_k(next(probs), model.classes, p.top_k)
+                prob, why = next(answers)
+                best = top_k(prob, model.classes, p.top_k)
                 rows.append({"path": f, "top1": best[0]["class"], "probability": f"{best[0]['probability']:.6f}",
-                             "top_k": json.dumps(best), "error": ""})
+                             "top_k": json.dumps(best), "abstained": why is not None, "reason": why or "",
+                             "error": ""})
             bar.update(len(chunk))
     return rows
 

@@ -168,15 +168,16 @@ def measure(model, classes, files, val, p):
     return table, logits
 
 
-def heldout_logits(model, ckpt, chosen_file, hold, rows, classes, p):
+def heldout_logits(model, ckpt, chosen, chosen_file, hold, rows, classes, p):
     """(logits, labels) of images the shipped model was not fitted on, for `trust.fit`: the chosen file's on
-    holdout; but a probe refitted on train + holdout (the probe kept) has seen holdout, and its holdout logits
-    are overconfident, so then out-of-fold probe logits over train + holdout on the frozen body, at train's C and
-    folds (PyTorch: the FP32 ONNX file's to 1e-5; an INT8 file's differ by its rounding)."""
+    holdout; but a probe refitted on train + holdout (the probe kept, and the variant not pruned: pruning refits
+    its own head and body) has seen holdout, and its holdout logits are overconfident, so then out-of-fold probe
+    logits over train + holdout on the frozen body, at train's C and folds (PyTorch: the FP32 ONNX file's to
+    1e-5; an INT8 file's differ by its rounding)."""
     from sklearn.model_selection import StratifiedKFold
 
     sel, tp = ckpt.get("selection", {}), ckpt["params"]
-    if sel.get("kept") != "linear_probe":
+    if sel.get("kept") != "linear_probe" or chosen.startswith("pruned"):
         return predict_onnx(runtime.session(chosen_file, p.threads), hold)
     x, y, _ = probe_features(model, rows, classes, TrainParams(batch_size=p.batch_size, seed=tp["seed"]), "cpu",
                              [presets.eval_transform(presets.Preprocessing.from_json(ckpt["preprocessing"]))])
@@ -202,7 +203,7 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
         files, int8 = variants(checkpoint, onnx_path, pruned, Path(work), cal_rows, cal_x, hold, p)
         table, logits = measure(model, classes, files, val, p)
         chosen, reasons = select(table, p.budget)
-        fitted, fit = trust.fit(*(t.numpy() for t in heldout_logits(model, ckpt, files[chosen], hold,
+        fitted, fit = trust.fit(*(t.numpy() for t in heldout_logits(model, ckpt, chosen, files[chosen], hold,
                                                                     train + hold_rows, classes, p)), p.trust)
         for n, v in table.items():
             v.update(within_budget=int(n == chosen or reasons[n].startswith("within")), chosen=int(n == chosen))

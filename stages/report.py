@@ -79,7 +79,10 @@ def read_json(path):
 
 def read_csv(path):
     path = Path(path)
-    return list(csv.DictReader(open(path, newline=""))) if path.is_file() else []
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def flat(d, prefix=""):

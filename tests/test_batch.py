@@ -53,7 +53,8 @@ def test_ray_data_matches_offline_onnx_runtime_and_the_single_process_csv(card, 
     predict_folder.run(card, images, tmp_path / "single.csv", P)
     with open(tmp_path / "ray.csv", newline="") as f, open(tmp_path / "single.csv", newline="") as g:
         ray_rows, single = list(csv.DictReader(f)), list(csv.DictReader(g))
-    assert [(r["path"], r["top1"], r["error"]) for r in ray_rows] == [(r["path"], r["top1"], r["error"]) for r in single]
+    same = ("path", "top1", "abstained", "reason", "error")
+    assert [[r[c] for c in same] for r in ray_rows] == [[r[c] for c in same] for r in single]
     for r, s in zip(ray_rows, single):          # batches differ, so ONNX Runtime's last bits may too
         assert abs(float(r["probability"]) - float(s["probability"])) < 1e-5
         assert [c["class"] for c in json.loads(r["top_k"])] == [c["class"] for c in json.loads(s["top_k"])]
