@@ -406,7 +406,8 @@ def trusted(card, tmp_path_factory):
     model, classes, pp = train.load_model(ckpt_path)
     (hold, _), (tr, _) = read_manifest(manifest, {"holdout"}), read_manifest(manifest, {"train"})
     p = deploy.Params(batch_size=8)
-    logits, labels = deploy.heldout_logits(model, torch.load(ckpt_path, weights_only=True), card.parent / "model.onnx",
+    logits, labels = deploy.heldout_logits(model, torch.load(ckpt_path, weights_only=True), "onnx_fp32",
+                                           card.parent / "model.onnx",
                                            deploy.tensors(hold, classes, pp, 8), tr + hold, classes, p)
     fitted, _ = trust.fit(logits.numpy(), labels.numpy(), p.trust)
     facts = {"model": (d / "model.onnx").as_posix(), "variant": "onnx_fp32", "trust": dataclasses.asdict(fitted)}

@@ -115,7 +115,7 @@ def deployed(tmp_path_factory):
     ckpt = torch.load(d / "train" / "model.pt", weights_only=True)
     (hold, _), (tr, _) = read_manifest(manifest, {"holdout"}), read_manifest(manifest, {"train"})
     p = deploy.Params(batch_size=8)
-    logits, labels = deploy.heldout_logits(model, ckpt, d / "export" / "model.onnx",
+    logits, labels = deploy.heldout_logits(model, ckpt, "onnx_fp32", d / "export" / "model.onnx",
                                            deploy.tensors(hold, classes, pp, 8), tr + hold, classes, p)
     fitted, fit = trust.fit(logits.numpy(), labels.numpy(), p.trust)
     card = {"model": (d / "deploy" / "model.onnx").as_posix(), "variant": "onnx_fp32", "classes": classes,
