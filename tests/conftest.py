@@ -111,7 +111,10 @@ def reproduced(tmp_path_factory):
             for f in sorted((ROOT / "data/hymenoptera" / split / cls).glob("*.jpg"))[:n]:
                 shutil.copy(f, dst)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    set_params(repo, deploy={"int8": {**params["deploy"]["int8"], "calibration_size": 8}})
+    # nothing is 1000x faster than ONNX FP32: the fixture ships it on every CPU (AVX-512 VNNI would ship INT8 on
+    # 12 val images), so tests that compare the deploy model with evaluate's ONNX numbers hold on both CPU types
+    set_params(repo, deploy={"int8": {**params["deploy"]["int8"], "calibration_size": 8},
+                             "budget": {**params["deploy"]["budget"], "min_speedup": 1000.0}})
     set_params(repo, prepare={"source": "data/mini"},
                train={"ft_epochs": 1, "batch_size": 8, "select": "best"},
                orchestrate={"retries": 0}, prune={"epochs": 0},
