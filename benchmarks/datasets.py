@@ -23,6 +23,7 @@ from stages import backbones, presets, prepare, train
 from stages.config import UserError, atomic_text, cli, load_section
 from stages.evaluate import baseline_logits, scores
 from stages.machine import describe
+from stages.checkpoint import load_model
 from stages.manifest import read_manifest
 
 
@@ -49,7 +50,7 @@ def one(source, work, pp_params, tp):
     t0 = time.perf_counter()
     result = train.run(manifest, work / source.name / "train", tp)
     seconds = time.perf_counter() - t0
-    model, classes, pp = train.load_model(work / source.name / "train" / "model.pt")
+    model, classes, pp = load_model(work / source.name / "train" / "model.pt")
     rows, _ = read_manifest(manifest, {"val"})
     batches = train.loader(rows, classes, presets.eval_transform(pp), tp.batch_size)
     logits, labels = train.predict(model, batches, "cpu")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from benchmarks.timing import pairwise, spread, wall
 from stages import backbones, presets, train
 from stages.evaluate import scores
+from stages.checkpoint import load_model
 from stages.manifest import read_manifest
 
 # The tutorial's recipe: RandomResizedCrop's default scale, flip, Adam 1e-3, a plain Linear head. Its batch size
@@ -66,7 +67,7 @@ def classic(manifest, backbone, weights, epochs, batch_size, seed=0):
 def pipeline(manifest, out, p):
     """`stages.train.run` timed from the outside, then its checkpoint scored on val with the eval transform."""
     result, seconds = wall(train.run, manifest, out, p, "cpu")
-    model, classes, pp = train.load_model(Path(out) / "model.pt")
+    model, classes, pp = load_model(Path(out) / "model.pt")
     acc = val_accuracy(model, val_loader(manifest, classes, pp, p.batch_size), classes)
     print(f"bench: pipeline ({p.weights}, {p.strategy}) val_acc={acc} wall={seconds:.1f} s")
     return {"wall_s": seconds, "val_acc": acc, "history": result["history"]}

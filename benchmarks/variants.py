@@ -14,7 +14,7 @@ from benchmarks.timing import section, wall
 from stages import deploy, export, prune, quantize
 from stages.config import UserError
 from stages.manifest import read_manifest
-from stages.train import load_model
+from stages.checkpoint import load_model
 
 THREADS = (1, 2)
 QUICK = {"deploy": dict(warmup=1, rounds=1, repeats=3, batch_repeats=1, batch_size=8, exclude_worst=0),

@@ -26,13 +26,15 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from stages import machine, presets, probe, prune, quantize, runtime, timing, trust  # noqa: E402
+from stages import machine, presets, probe, quantize, runtime, timing, trust  # noqa: E402
 from stages.card import write_card  # noqa: E402
+from stages.checkpoint import load_checkpoint, load_model  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section, typed  # noqa: E402
 from stages.evaluate import scores  # noqa: E402
 from stages.export import parity, predict_onnx, to_onnx  # noqa: E402
+from stages.loading import loader, predict  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
-from stages.train import Params as TrainParams, load_model, loader, predict, probe_features  # noqa: E402
+from stages.train import Params as TrainParams, probe_features  # noqa: E402
 
 BASELINE, FALLBACK = "pytorch_fp32", "onnx_fp32"
 # card facts kept out of the ONNX file's metadata: they change from run to run (timings, the git revision) or
@@ -91,13 +93,14 @@ def select(variants, budget):
     for name, v in variants.items():
         if name == BASELINE:
             continue
-        drop, speed = base["accuracy"] - v["accuracy"], fb["latency_ms_p50"] / v["latency_ms_p50"]
+        drop, (speed, n) = base["accuracy"] - v["accuracy"], timing.paired_speedup(v, fb)
         why = [f"agreement {v['agreement']:.4f} < {b.min_agreement}"] if v["agreement"] < b.min_agreement else []
         why += [f"accuracy drop {drop:.4f} > {b.max_accuracy_drop}"] if drop > b.max_accuracy_drop + 1e-9 else []
         if why:
             reasons[name] = "over budget: " + "; ".join(why)
         elif name != FALLBACK and speed < b.min_speedup:
-            reasons[name] = f"not faster: {speed:.2f}x {FALLBACK} at batch 1 (needs {b.min_speedup}x)"
+            reasons[name] = (f"not faster: {speed:.2f}x {FALLBACK} at batch 1" + (f", lower quartile of {n} "
+                             f"paired rounds" if n > 1 else "") + f" (needs {b.min_speedup}x)")
         else:
             ok.append(name)
     if FALLBACK not in ok:
@@ -137,8 +140,8 @@ def variants(checkpoint, onnx_path, pruned, work, cal_rows, cal_x, hold, p):
     """{name: file} of every variant, and {INT8 name: its quantize.search record}."""
     files, int8 = {BASELINE: Path(checkpoint), FALLBACK: Path(onnx_path)}, {}
     if pruned:
-        model, classes, pp = prune.load_model(pruned)
-        ckpt = torch.load(pruned, map_location="cpu", weights_only=True)
+        model, classes, pp = load_model(pruned)
+        ckpt = load_checkpoint(pruned)
         files["pruned_fp32"] = work / "pruned_fp32.onnx"
         to_onnx(model, classes, pp, files["pruned_fp32"],
                 {"backbone": ckpt["backbone"], "params": json.dumps(ckpt["params"])})
@@ -163,6 +166,7 @@ def measure(model, classes, files, val, p):
     base = timed[BASELINE]["latency_ms_p50"]
     table = {n: {**score(v, labels, ref, classes), **timed[n],
                  "speedup_b1": round(base / timed[n]["latency_ms_p50"], 2),
+                 "speedup_fp32_q1": timing.paired_speedup(timed[n], timed[FALLBACK])[0],   # what `select` uses
                  "size_mb": round(files[n].stat().st_size / 2**20, 3)}
              for n, v in logits.items()}
     return table, logits
@@ -174,24 +178,19 @@ def heldout_logits(model, ckpt, chosen, chosen_file, hold, rows, classes, p):
     its own head and body) has seen holdout, and its holdout logits are overconfident, so then out-of-fold probe
     logits over train + holdout on the frozen body, at train's C and folds (PyTorch: the FP32 ONNX file's to
     1e-5; an INT8 file's differ by its rounding)."""
-    from sklearn.model_selection import StratifiedKFold
-
     sel, tp = ckpt.get("selection", {}), ckpt["params"]
     if sel.get("kept") != "linear_probe" or chosen.startswith("pruned"):
         return predict_onnx(runtime.session(chosen_file, p.threads), hold)
     x, y, _ = probe_features(model, rows, classes, TrainParams(batch_size=p.batch_size, seed=tp["seed"]), "cpu",
                              [presets.eval_transform(presets.Preprocessing.from_json(ckpt["preprocessing"]))])
-    folds, out = min(tp["lp_folds"], np.bincount(y).min()), np.zeros((len(y), len(classes)), np.float32)
-    for tr, te in StratifiedKFold(max(folds, 2), shuffle=True, random_state=tp["seed"]).split(x, y):
-        w, b = probe.fit_probe(x[tr], y[tr], sel.get("lp_c", 1.0), tp["balance"] != "none")
-        out[te] = probe.head_logits(x[te], w, b).numpy()
+    out = probe.out_of_fold(x, y, sel.get("lp_c", 1.0), tp["lp_folds"], tp["seed"], tp["balance"] != "none")
     return torch.from_numpy(out), torch.from_numpy(y)
 
 
 def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
     """Build, score, time, choose; write model.onnx, card.json, variants.json/.csv, tradeoff.png, report.json."""
     model, classes, pp = load_model(checkpoint)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(checkpoint)
     (val, _), (hold_rows, _), (train, _) = (read_manifest(manifest, {s}) for s in ("val", "holdout", "train"))
     if not val or not hold_rows or not train:
         raise UserError(f"{manifest}: deploy needs images in the train, holdout and val splits")
@@ -217,11 +216,13 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
                 "backbone": ckpt["backbone"], "calibration_sha256": int8.get(chosen, {}).get("calibration_sha256"),
                 "quantization": int8.get(chosen, {}).get("settings"), "git_rev": git_rev(),
                 "params": {"train": ckpt["params"], "deploy": dataclasses.asdict(p), "prune": (
-                    torch.load(pruned, weights_only=True)["pruning"]["params"] if "pruned" in chosen else None)},
+                    load_checkpoint(pruned)["pruning"]["params"] if "pruned" in chosen else None)},
                 "onnxruntime": ort.__version__, "built_on": machine.cpu(),
                 "trust": {**dataclasses.asdict(fitted), "fit": fit},
-                "metrics": {k: table[chosen][k] for k in ("accuracy", "agreement", "latency_ms_p50",
-                                                          "throughput_b1", "speedup_b1")}}
+                "metrics": {**{k: table[chosen][k] for k in ("accuracy", "agreement", "latency_ms_p50",
+                                                             "throughput_b1", "speedup_b1", "speedup_fp32_q1")},
+                            "speedup_margin": None if chosen == FALLBACK else   # how far clear of the rule
+                            round(table[chosen]["speedup_fp32_q1"] - p.budget.min_speedup, 3)}}
         report = {"chosen": chosen, "reasons": reasons, "budget": dataclasses.asdict(p.budget),
                   "val_images": n_val, "threads": p.threads, "int8": int8,
                   "calibration_images": [r["sha256"] for r in cal_rows]}
@@ -238,7 +239,7 @@ def write(out_dir, chosen_file, card, table, reasons, report):
         card.update(write_card(tmp / "card.json", card, file=tmp / "model.onnx"))
         (tmp / "variants.json").write_text(json.dumps(table, indent=2) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        cols = list(next(iter(table.values())))
+        cols = [c for c, v in next(iter(table.values())).items() if not isinstance(v, list)]   # rounds: JSON
         with open(tmp / "variants.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["variant", *cols, "reason"])

@@ -14,12 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from stages import backbones, presets  # noqa: E402
+from stages.checkpoint import load_checkpoint, load_model  # noqa: E402
 from stages.config import atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
 from stages.export import predict_onnx  # noqa: E402
+from stages.loading import loader, predict  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
 from stages.probe import set_head  # noqa: E402
 from stages.runtime import session  # noqa: E402
-from stages.train import load_model, loader, predict  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,7 @@ def run(checkpoint, onnx_path, manifest, out_dir, p, device="cpu"):
     tp, op = torch_logits.argmax(1), onnx_logits.argmax(1)
     metrics = {"val_images": len(rows), "pytorch": scores(tp, labels, classes),
                "onnx": scores(op, labels, classes), "onnx_agreement": round((tp == op).float().mean().item(), 4)}
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(checkpoint)
     base = baseline_logits(ckpt, batches, device, torch_logits)
     if base is not None:
         b = scores(base.argmax(1), labels, classes)

@@ -20,9 +20,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from stages import presets  # noqa: E402
+from stages.checkpoint import load_model  # noqa: E402
 from stages.config import atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
+from stages.loading import loader, predict  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
-from stages.train import load_model, loader, predict  # noqa: E402
 
 FIELDS = ["rank", "path", "actual", "predicted", "p_actual", "p_predicted", "loss", "cached"]
 

@@ -12,10 +12,11 @@ import onnx
 import torch
 
 from stages import presets
+from stages.checkpoint import load_checkpoint, load_model
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section
+from stages.loading import loader, predict
 from stages.manifest import read_manifest
 from stages.runtime import BATCH, INPUT, OUTPUT, session
-from stages.train import load_model, loader, predict
 
 OPSET = 17
 
@@ -57,7 +58,7 @@ def parity(a, b):
 def run(checkpoint, manifest, out_dir, p):
     """Export, check, and measure parity on val; a model outside the tolerances is never written."""
     model, classes, pp = load_model(checkpoint)
-    params = torch.load(checkpoint, map_location="cpu", weights_only=True)["params"]
+    params = load_checkpoint(checkpoint)["params"]
     rows, _ = read_manifest(manifest, {"val"})
     batches = loader(rows, classes, presets.eval_transform(pp), p.batch_size)
     torch_logits, _ = predict(model, batches, "cpu", "export: parity")

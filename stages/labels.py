@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from stages import backbones, presets, train  # noqa: E402
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
-from stages.probe import choose_c, fit_probe, head_logits  # noqa: E402
+from stages.probe import choose_c, fit_probe, head_logits, out_of_fold  # noqa: E402
 
 ACTIONS = ("keep", "drop", "fail")
 FIELDS = ["rank", "path", "split", "label", "suggested", "label_quality", "suggested_p", "action", "cached"]
@@ -45,25 +45,16 @@ def features(rows, classes, tp, device):
     """Frozen body features of `rows` at test size, the backbone built as train builds it (seed first)."""
     torch.manual_seed(tp.seed)
     model, pp = backbones.create(tp.backbone, tp.weights, len(classes), tp.dropout)
-    pp = train.at_test_size(pp, tp.test_size)
+    pp = pp.at_size(tp.test_size)
     x, y, _ = train.probe_features(model.to(device), rows, classes, tp, device, [presets.eval_transform(pp)])
     return x, y
 
 
-def softmax(x, w, b):
-    return head_logits(x, w, b).softmax(1).numpy().astype(np.float64)
-
-
 def out_of_sample(x, y, tp):
     """(probabilities [n, k] from probes that never saw the row, C, report): k folds, C chosen like train's."""
-    from sklearn.model_selection import StratifiedKFold
-
     c, cv = choose_c(x, y, np.arange(len(y)), tp)
-    probs = np.zeros((len(y), int(y.max()) + 1))
-    folds = max(2, min(tp.lp_folds, np.bincount(y).min()))
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=tp.seed).split(x, y):
-        probs[te] = softmax(x[te], *fit_probe(x[tr], y[tr], c, tp.balance != "none"))
-    return probs, c, cv
+    logits = torch.from_numpy(out_of_fold(x, y, c, tp.lp_folds, tp.seed, tp.balance != "none"))
+    return logits.softmax(1).numpy().astype(np.float64), c, cv
 
 
 def ranked_issues(y, probs, filter_by):
@@ -122,7 +113,7 @@ def run(manifest, out_dir, p, tp, device="cpu"):
     mine = ranked_issues(ys, probs, p.filter_by)
     issues = issue_rows(seen, ys, probs, mine, classes, "drop" if p.label_issue == "drop" else "keep")
     if len(val):
-        vprobs = softmax(xv, *fit_probe(xs, ys, c, tp.balance != "none"))
+        vprobs = head_logits(xv, *fit_probe(xs, ys, c, tp.balance != "none")).softmax(1).numpy().astype(np.float64)
         issues += issue_rows(val, yv, vprobs, ranked_issues(yv, vprobs, p.filter_by), classes, "report")
     out = Path(out_dir)
     write_csv(out / "issues.csv", issues, FIELDS)

@@ -8,6 +8,7 @@ imported inside the calls that make tensors (`EvalTransform.__call__`, `train_tr
 """
 import dataclasses
 import json
+import math
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,7 +23,7 @@ class Preprocessing:
     mean: tuple
     std: tuple
     interpolation: str = "bicubic"
-    train_size: int = 0      # square of training's random crops, px; 0: input_size (see train.at_test_size)
+    train_size: int = 0      # square of training's random crops, px; 0: input_size (see `at_size`)
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
@@ -35,6 +36,20 @@ class Preprocessing:
     def from_json(cls, text):
         d = json.loads(text)
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+    def at_size(self, size):
+        """This preprocessing for testing at `size` px, the centre crop's share of the resized image unchanged
+        (0: itself).
+
+        Random resized crops show the network objects larger than a centre crop of the same size does; testing
+        at a somewhat higher resolution than training makes up for it (Touvron et al., "Fixing the train-test
+        resolution discrepancy", 2019; timm's `test_input_size`). Training's crops keep the backbone's size
+        (`train_size`); everything else, the checkpoint's preprocessing included, uses the returned `input_size`.
+        """
+        if not size or size == self.input_size:
+            return self
+        return dataclasses.replace(self, input_size=size, resize=math.floor(size * self.resize / self.input_size),
+                                   train_size=self.train_size or self.input_size)
 
 
 def load_rgb(path_or_file):

@@ -60,6 +60,18 @@ def choose_c(x, y, image, p):
                "cv_acc_std": round(float(spread), 4), "cv_loss": round(-neg_loss, 4)}
 
 
+def out_of_fold(x, y, c, folds, seed, balanced):
+    """Logits [n, k] of every row from a probe fitted on the other folds (stratified, shuffled by `seed`, at
+    least 2): what the probe says about images it never saw (the labels audit, the trust fit)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    out = np.zeros((len(y), int(y.max()) + 1), np.float32)
+    for tr, te in StratifiedKFold(max(2, min(folds, np.bincount(y).min())), shuffle=True,
+                                  random_state=seed).split(x, y):
+        out[te] = head_logits(x[te], *fit_probe(x[tr], y[tr], c, balanced)).numpy()
+    return out
+
+
 def set_head(head, weight, bias):
     linear = head[-1]
     with torch.no_grad():

@@ -7,7 +7,7 @@ of ResNet blocks) and keeps the narrow residual streams whole: on Lite0, pruning
 a model no better than chance on holdout, even after BatchNorm recalibration and a new head.
 Recovery: BatchNorm statistics recomputed on train (pruning changes every layer's input), the head refit on the
 pruned features (train's linear probe), then train's fine-tune; like training it selects on holdout, and val
-is never seen here. The checkpoint is train's format plus `pruning`: the widths `load_model` rebuilds.
+is never seen here. The checkpoint is train's format plus `pruning`: the widths `checkpoint.load_model` rebuilds.
 """
 import argparse
 import dataclasses
@@ -19,7 +19,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from stages import backbones, presets, train
+from stages import presets, train
+from stages.checkpoint import load_checkpoint, load_model, save_checkpoint, widths
 from stages.config import UserError, atomic_text, cli, load_section, stage_device
 from stages.manifest import read_manifest
 
@@ -30,8 +31,6 @@ IMPORTANCES = {
     "fpgm": lambda: tp.importance.FPGMImportance(p=2),
     "bn_scale": lambda: tp.importance.BNScaleImportance(),
 }
-# Module attributes that carry a width: set from the checkpoint before its (smaller) tensors are loaded.
-WIDTHS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,37 +103,6 @@ def recalibrate_bn(model, batches, device):
     model.eval()
 
 
-def widths(model):
-    """{module name: {width attribute: value}} for every module that has one."""
-    return {n: {a: getattr(m, a) for a in WIDTHS if isinstance(getattr(m, a, None), int)}
-            for n, m in model.named_modules() if any(isinstance(getattr(m, a, None), int) for a in WIDTHS)}
-
-
-def rebuild(model, state, shapes):
-    """Shrink an unpruned `model` to the widths `shapes` and the tensors of `state`, then load `state`."""
-    for name, m in model.named_modules():
-        for a, v in shapes.get(name, {}).items():
-            setattr(m, a, v)
-        for kind in ("_parameters", "_buffers"):
-            for key, t in getattr(m, kind).items():
-                saved = state.get(f"{name}.{key}" if name else key)
-                if t is not None and saved is not None and saved.shape != t.shape:
-                    new = torch.empty_like(saved)
-                    getattr(m, kind)[key] = nn.Parameter(new, t.requires_grad) if kind == "_parameters" else new
-    model.load_state_dict(state)
-    return model
-
-
-def load_model(path):
-    """(model in eval mode, class names, Preprocessing) from a pruned checkpoint, or from train's own."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "pruning" not in ckpt:
-        return train.load_model(path)
-    model, _ = backbones.create(ckpt["backbone"], "none", len(ckpt["classes"]), ckpt["dropout"])
-    rebuild(model, ckpt["model"], ckpt["pruning"]["widths"])
-    return model.eval(), ckpt["classes"], presets.Preprocessing.from_json(ckpt["preprocessing"])
-
-
 def holdout_score(model, batches, device):
     """(accuracy, -loss) on holdout: the order `train.finetune` selects by."""
     return train.holdout_score(*train.predict(model, batches, device))
@@ -143,8 +111,8 @@ def holdout_score(model, batches, device):
 def run(checkpoint, manifest, out_dir, p, device="cpu"):
     """Prune the checkpoint, recover on train (selecting on holdout); write model.pt and report.json."""
     torch.manual_seed(p.seed)
-    model, classes, pp = train.load_model(checkpoint)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model, classes, pp = load_model(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
     train_rows, _ = read_manifest(manifest, {"train"})
     hold_rows, _ = read_manifest(manifest, {"holdout"})
     if not train_rows or not hold_rows:
@@ -169,7 +137,7 @@ def run(checkpoint, manifest, out_dir, p, device="cpu"):
     model.cpu()
     out = {**ckpt, "model": {k: v.cpu() for k, v in model.state_dict().items()},
            "pruning": {"widths": widths(model), "params": dataclasses.asdict(p)}}
-    train.save_checkpoint(Path(out_dir) / "model.pt", out)
+    save_checkpoint(Path(out_dir) / "model.pt", out)
     report = {"ratio": p.ratio, "importance": p.importance, "params_before": int(params0),
               "params_after": int(params1), "params_kept": round(params1 / params0, 4), "macs_before": int(macs0),
               "macs_after": int(macs1), "macs_kept": round(macs1 / macs0, 4),

@@ -14,8 +14,6 @@ import json
 import time
 from pathlib import Path
 
-from PIL import Image
-
 from stages import presets
 from stages.config import atomic_text, cli, load_section
 

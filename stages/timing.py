@@ -34,7 +34,7 @@ def load(path, threads):
         _model = Runner(path, threads)
         return
     import torch
-    from stages.prune import load_model         # train's checkpoints and prune's alike
+    from stages.checkpoint import load_model    # train's checkpoints and prune's alike
 
     torch.set_num_threads(threads)
     model = load_model(path)[0]
@@ -56,6 +56,16 @@ def calls(x, n):
     return out
 
 
+def paired_speedup(v, base):
+    """(the speed-up of variant `v` over `base` that decides, rounds): the lower quartile of the per-round
+    ratios of batch-1 latency. Each round times every variant back to back, so a round's ratio cancels what
+    slowed the whole machine during it, and the lower quartile is what a slower quarter of the rounds still
+    shows: a variant that only sometimes clears `min_speedup` does not replace the other (a ratio of medians
+    flips with noise). A table without `latency_ms_rounds` counts as one round of medians."""
+    a, b = (np.asarray(t.get("latency_ms_rounds") or [t["latency_ms_p50"]], float) for t in (base, v))
+    return round(float(np.percentile(a / b, 25)), 3), len(a)
+
+
 def rounds(workers, x, repeats, p):
     """{variant: seconds per call}: `p.warmup` untimed calls each, then `p.rounds` rounds of `repeats` calls
     per variant, the order rotated every round so that no variant always goes first."""
@@ -70,7 +80,8 @@ def rounds(workers, x, repeats, p):
 
 def bench(files, x1, xb, p):
     """Per variant file: batch-1 latency (ms), full-batch throughput (images/s), then batch-1 latency again,
-    each variant in a fresh process of its own (see the module's docstring)."""
+    each variant in a fresh process of its own (see the module's docstring). `latency_ms_rounds`: the median
+    batch-1 latency of each of the 2 x `p.rounds` rounds, for `paired_speedup`."""
     spawn = multiprocessing.get_context("spawn")
     workers = {n: ProcessPoolExecutor(1, spawn, load, (str(f), p.threads)) for n, f in files.items()}
     try:
@@ -81,7 +92,9 @@ def bench(files, x1, xb, p):
             w.shutdown(cancel_futures=True)
     r2 = lambda v: round(float(v), 2)  # noqa: E731
     ms = {n: np.array(v) * 1e3 for n, v in lat.items()}
-    return {n: {"latency_ms_p50": r2(np.median(ms[n])), "latency_ms_p99": r2(np.percentile(ms[n], 99)),
+    per_round = {n: np.median(np.reshape(np.concatenate([lat[n], again[n]]) * 1e3, (2 * p.rounds, -1)), axis=1)
+                 for n in files}
+    return {n: {"latency_ms_p50": r2(np.median(ms[n])), "latency_ms_rounds": [r2(v) for v in per_round[n]], "latency_ms_p99": r2(np.percentile(ms[n], 99)),
                 "latency_ms_min": r2(ms[n].min()), "latency_ms_max": r2(ms[n].max()),
                 "latency_ms_p50_after_batch": r2(np.median(again[n]) * 1e3),
                 "throughput_b1": r2(1 / np.median(lat[n])), f"throughput_b{len(xb)}": r2(len(xb) / np.median(thr[n])),

@@ -10,7 +10,6 @@ import argparse
 import copy
 import csv
 import dataclasses
-import math
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from stages import backbones, presets
+from stages.checkpoint import save_checkpoint
 from stages.config import UserError, atomic_write, cli, load_section, stage_device
 from stages.loading import (SOLO, autocast, class_weights, loader, loader_workers, predict, save_grid,
                             to_device)
@@ -197,20 +197,6 @@ def train_one_epoch(model, batches, opt, sched, mix, weight, p, device, epoch, s
     return row
 
 
-def at_test_size(pp, size):
-    """`pp` for testing at `size` px, the centre crop's share of the resized image unchanged (0: `pp` itself).
-
-    Random resized crops show the network objects larger than a centre crop of the same size does; testing at
-    a somewhat higher resolution than training makes up for it (Touvron et al., "Fixing the train-test
-    resolution discrepancy", 2019; timm's `test_input_size`). Training's crops keep the backbone's size
-    (`train_size`); everything else, the checkpoint's preprocessing included, uses the returned `input_size`.
-    """
-    if not size or size == pp.input_size:
-        return pp
-    return dataclasses.replace(pp, input_size=size, resize=math.floor(size * pp.resize / pp.input_size),
-                               train_size=pp.train_size or pp.input_size)
-
-
 def run(manifest, out_dir, p, device="cpu", exclude=()):
     """Train on the manifest's train split, select on holdout; write model.pt, history.csv and augmented.png.
     `exclude`: image paths to leave out (the labels stage's suspects under `labels.label_issue: drop`)."""
@@ -244,7 +230,7 @@ def fit(train_rows, hold_rows, classes, p, device="cpu", shard=SOLO):
     model.to(device)
     if str(device).startswith("cuda"):
         model.to(memory_format=torch.channels_last)
-    pp = at_test_size(pp, p.test_size)
+    pp = pp.at_size(p.test_size)
     history, t0, selection, extra = [], time.perf_counter(), {"kept": p.strategy}, {}
     start = (-1.0, 0.0)
     if p.strategy in ("linear_probe", "lp_ft"):
@@ -287,23 +273,6 @@ def write_history(path, history):
         w = csv.DictWriter(f, HISTORY, extrasaction="ignore")
         w.writeheader()
         w.writerows(history)
-
-
-def save_checkpoint(path, ckpt):
-    """torch.save, atomically, to an open file: saved by name, the zip's inner folder is named after the
-    temporary file, and equal tensors would give different bytes on every run."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-    atomic_write(path, write)
-
-
-def load_model(path):
-    """(model in eval mode, class names, Preprocessing) from a checkpoint written by `run`."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model, _ = backbones.create(ckpt["backbone"], "none", len(ckpt["classes"]), ckpt["dropout"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt["classes"], presets.Preprocessing.from_json(ckpt["preprocessing"])
 
 
 def main():

@@ -10,22 +10,19 @@ import argparse
 import csv
 import dataclasses
 import json
-from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torchvision.transforms import v2 as T  # noqa: E402
-from torchvision.transforms.v2 import functional as TF  # noqa: E402
-
-from stages import presets, probe, runtime, trust  # noqa: E402
-from stages.config import UserError, atomic_dir, cli, load_section  # noqa: E402
-from stages.manifest import read_manifest  # noqa: E402
-from stages.quantize import calibration_rows  # noqa: E402
-from stages.train import Params as TrainParams, load_model, loader, predict, probe_features  # noqa: E402
+from stages import presets, probe, runtime, trust
+from stages.checkpoint import load_checkpoint, load_model
+from stages.config import UserError, atomic_dir, cli, load_section
+from stages.loading import loader
+from stages.manifest import read_manifest
+from stages.quantize import calibration_rows
+from stages.train import Params as TrainParams, probe_features
 
 # name -> (function of a float [0, 1] batch and a severity, the 3 severities, mild to strong); on the network's
 # 256 px view, after the eval transform's resize and crop, so a severity means the same on every image size
@@ -170,7 +167,7 @@ def run(checkpoint, card_path, manifest, out_dir, p):
     torch.set_num_threads(p.threads)
     card = read_card(card_path)
     model, classes, pp = load_model(checkpoint)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(checkpoint)
     sess = runtime.session(card["model"], p.threads)
     fitted = trust.Trust.from_metadata(sess.get_modelmeta().custom_metadata_map)
     val_rows, _ = read_manifest(manifest, {"val"})

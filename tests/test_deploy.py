@@ -43,6 +43,18 @@ def test_int8_over_budget_or_not_faster_falls_back_to_onnx_fp32(int8, reason):
     assert why["onnx_int8"] == reason and why["pytorch_fp32"].startswith("baseline")
 
 
+def test_a_speed_up_seen_in_only_some_paired_rounds_does_not_replace_onnx_fp32():
+    """The median says 1.25x; the lower quartile of the per-round ratios says 1.0x: noise, not a speed-up."""
+    rounds = dict(latency_ms_rounds=[8.0] * 5 + [10.0] * 3)
+    t = table(onnx_int8=dict(accuracy=0.90, agreement=1.0, latency_ms_p50=8.0, **rounds))
+    t["onnx_fp32"]["latency_ms_rounds"] = [10.0] * 8
+    chosen, why = deploy.select(t, BUDGET)
+    assert chosen == "onnx_fp32"
+    assert why["onnx_int8"] == "not faster: 1.00x onnx_fp32 at batch 1, lower quartile of 8 paired rounds (needs 1.1x)"
+    t["onnx_int8"]["latency_ms_rounds"] = [8.0] * 7 + [10.0]        # slower in one round of eight: it ships
+    assert deploy.select(t, BUDGET)[0] == "onnx_int8"
+
+
 def test_no_fallback_within_budget_is_an_error():
     with pytest.raises(UserError, match="even onnx_fp32 misses the budget"):
         deploy.select(table(), dataclasses.replace(BUDGET, min_agreement=1.01))
@@ -107,7 +119,10 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     assert variants["onnx_int8"]["size_mb"] < variants["onnx_fp32"]["size_mb"]
     size = {n: v["size_mb"] for n, v in variants.items()}
     assert size["pruned_int8"] < size["pruned_fp32"] < size["onnx_fp32"]
-    plain = {n: {k: v[k] for k in ("accuracy", "agreement", "latency_ms_p50")} for n, v in variants.items()}
+    assert all(len(v["latency_ms_rounds"]) == 2 * p.rounds for v in variants.values())   # both batch-1 passes
+    assert card["metrics"]["speedup_fp32_q1"] == 1.0 and card["metrics"]["speedup_margin"] is None  # the fallback
+    plain = {n: {k: v[k] for k in ("accuracy", "agreement", "latency_ms_p50", "latency_ms_rounds")}
+             for n, v in variants.items()}
     assert deploy.select(plain, p.budget) == ("onnx_fp32", report["reasons"])
 
     train_rows, classes = read_manifest(manifest, {"train"})

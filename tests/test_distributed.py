@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stages import loading, train
+from stages.checkpoint import load_model
 from stages.manifest import read_manifest
 from tests.conftest import TINY
 
@@ -51,7 +52,7 @@ def test_two_ray_workers_train_like_one(tmp_path, manifest, checkpoint, ray_loca
     assert two["selection"]["lp_c"] == one["selection"]["lp_c"]
     assert two["selection"]["cv_acc"] == one["selection"]["cv_acc"]
     assert torch.allclose(two["baseline"]["weight"], one["baseline"]["weight"], atol=1e-4)
-    model, classes, pp = train.load_model(tmp_path / "two" / "model.pt")
+    model, classes, pp = load_model(tmp_path / "two" / "model.pt")
     val, _ = read_manifest(manifest, {"val"})
     logits, labels = train.predict(model, loading.loader(val, classes, train.presets.eval_transform(pp), 8), "cpu")
     assert (logits.argmax(1) == labels).float().mean() >= 0.75

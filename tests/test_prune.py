@@ -5,6 +5,7 @@ import torch
 import torch_pruning as tp
 
 from stages import backbones, export, presets, prune, runtime, train
+from stages.checkpoint import load_model, rebuild, widths
 from stages.config import UserError
 from stages.manifest import read_manifest
 
@@ -19,13 +20,14 @@ def test_pruning_shrinks_the_model_which_reloads_safely_and_exports_with_parity(
 
     ckpt = torch.load(tmp_path / "p" / "model.pt", weights_only=True)   # no pickled code in it
     assert set(torch.load(checkpoint, weights_only=True)) | {"pruning"} == set(ckpt)
-    model, classes, pp = prune.load_model(tmp_path / "p" / "model.pt")
+    model, classes, pp = load_model(tmp_path / "p" / "model.pt")
     assert classes == ["blue", "red"]
     x = torch.zeros(1, 3, pp.input_size, pp.input_size)
     assert tp.utils.count_ops_and_params(model, x) == (report["macs_after"], report["params_after"])
-    with pytest.raises(RuntimeError, match="size mismatch"):            # train's loader cannot read it...
-        train.load_model(tmp_path / "p" / "model.pt")
-    unpruned, _, _ = prune.load_model(checkpoint)                       # ...ours reads both
+    fresh = backbones.create(ckpt["backbone"], "none", 2, ckpt["dropout"])[0]
+    with pytest.raises(RuntimeError, match="size mismatch"):            # the unpruned network cannot hold it...
+        fresh.load_state_dict(ckpt["model"])
+    unpruned, _, _ = load_model(checkpoint)                             # ...the one loader reads both
     assert sum(p.numel() for p in unpruned.parameters()) == report["params_before"]
 
     rows, _ = read_manifest(manifest, {"val"})
@@ -42,7 +44,7 @@ def test_rebuild_restores_the_exact_pruned_network():
     prune.prune(model, pp.input_size, prune.Params(ratio=0.3, importance="lamp"))
     fresh, _ = backbones.create("test_efficientnet", "none", 3)
     width = fresh.head[1].in_features
-    prune.rebuild(fresh, model.state_dict(), prune.widths(model))
+    rebuild(fresh, model.state_dict(), widths(model))
     x = torch.randn(2, 3, pp.input_size, pp.input_size)
     assert torch.equal(model.eval()(x), fresh.eval()(x))
     assert fresh.head[1].in_features == model.head[1].in_features < width  # the classifier's input shrank too
@@ -51,12 +53,12 @@ def test_rebuild_restores_the_exact_pruned_network():
 
 def test_hidden_scope_keeps_the_residual_streams_whole():
     model, pp = backbones.create("test_efficientnet", "none", 2)
-    before = prune.widths(model)
+    before = widths(model)
     streams = {id(m) for m in prune.stream_layers(model)}
     names = {n for n, m in model.named_modules() if id(m) in streams}
     assert len(names) >= 3
     (macs0, params0), (macs1, params1) = prune.prune(model, pp.input_size, prune.Params(ratio=0.5, round_to=0))
-    after = prune.widths(model)
+    after = widths(model)
     assert all(after[n]["out_channels"] == before[n]["out_channels"] for n in names)     # streams untouched
     hidden = [n for n in names if n.endswith("conv_pwl")]               # inverted and edge residuals
     assert hidden and all(after[n]["in_channels"] < before[n]["in_channels"] for n in hidden)  # expansions cut

@@ -31,6 +31,7 @@ from serve.batcher import Batcher
 from serve.model import Params
 from stages import card as model_card, export, prepare, presets, runtime, train
 from stages.config import UserError
+from stages.checkpoint import load_model
 from stages.manifest import read_manifest
 from tests.conftest import COLORS, ROOT, TINY, make_image
 
@@ -403,7 +404,7 @@ def trusted(card, tmp_path_factory):
     from stages import deploy, trust
     d, ckpt_path = tmp_path_factory.mktemp("trusted"), card.parent.parent / "train" / "model.pt"
     manifest = card.parent.parent / "prepare" / "manifest.csv"
-    model, classes, pp = train.load_model(ckpt_path)
+    model, classes, pp = load_model(ckpt_path)
     (hold, _), (tr, _) = read_manifest(manifest, {"holdout"}), read_manifest(manifest, {"train"})
     p = deploy.Params(batch_size=8)
     logits, labels = deploy.heldout_logits(model, torch.load(ckpt_path, weights_only=True), "onnx_fp32",

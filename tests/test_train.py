@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from stages import probe, train
+from stages.checkpoint import load_model
+from stages.machine import cpu
 from stages.manifest import read_manifest
 from tests.conftest import TINY
 
@@ -16,8 +18,8 @@ def test_strategies_learn_and_save_a_complete_checkpoint(tmp_path, manifest, str
                       "lp_ft": ["linear_probe", "finetune", "finetune"]}[strategy]
     ckpt = torch.load(tmp_path / "t" / "model.pt", weights_only=True)   # no pickled code in it
     assert ckpt["classes"] == ["blue", "red"] and ckpt["backbone"] == "test_efficientnet"
-    assert ckpt["params"]["strategy"] == strategy
-    model, classes, pp = train.load_model(tmp_path / "t" / "model.pt")
+    assert ckpt["params"]["strategy"] == strategy and ckpt["built_on"] == cpu()   # the CPU that trained it
+    model, classes, pp = load_model(tmp_path / "t" / "model.pt")
     val, _ = read_manifest(manifest, {"val"})
     logits, labels = train.predict(model, train.loader(val, classes, train.presets.eval_transform(pp), 8), "cpu")
     assert (logits.argmax(1) == labels).float().mean() >= 0.75     # red vs blue is easy
@@ -27,7 +29,7 @@ def test_strategies_learn_and_save_a_complete_checkpoint(tmp_path, manifest, str
 
 def test_linear_probe_leaves_the_body_untouched(tmp_path, manifest):
     train.run(manifest, tmp_path / "t", train.Params(**{**TINY, "strategy": "linear_probe"}))
-    model, _, _ = train.load_model(tmp_path / "t" / "model.pt")
+    model, _, _ = load_model(tmp_path / "t" / "model.pt")
     torch.manual_seed(0)   # the seed train.run uses before it builds the model
     fresh = train.backbones.create("test_efficientnet", "none", 2)[0]
     assert torch.equal(model.body.conv_stem.weight, fresh.body.conv_stem.weight)
@@ -69,14 +71,14 @@ def test_test_size_raises_the_test_resolution_and_keeps_the_training_crops(tmp_p
     native = train.backbones.create("test_efficientnet", "none", 2)[1]
     p = train.Params(**{**TINY, "ft_epochs": 1, "test_size": native.input_size + 32})
     train.run(manifest, tmp_path / "t", p)
-    model, _, pp = train.load_model(tmp_path / "t" / "model.pt")
+    model, _, pp = load_model(tmp_path / "t" / "model.pt")
     assert pp.input_size == native.input_size + 32 and pp.train_size == native.input_size
     assert pp.input_size / pp.resize == pytest.approx(native.input_size / native.resize, abs=0.01)
     from PIL import Image
     with Image.open(tmp_path / "t" / "augmented.png") as im:    # 4 x 4 crops of train_size, 2 px apart
         assert im.width == 4 * (native.input_size + 2) + 2
     assert train.presets.eval_transform(pp)(Image.new("RGB", (300, 200))).shape[-1] == pp.input_size
-    assert train.at_test_size(native, 0) == native
+    assert native.at_size(0) == native
 
 
 def test_earned_needs_a_gain_beyond_the_holdouts_noise():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stages import deploy, runtime, trust, trust_eval
+from stages.checkpoint import load_model
 from stages.config import UserError
 
 
@@ -111,7 +112,7 @@ def deployed(tmp_path_factory):
     manifest = d / "prepare" / "manifest.csv"
     train.run(manifest, d / "train", train.Params(**TINY))
     export.run(d / "train" / "model.pt", manifest, d / "export", export.Params())
-    model, classes, pp = train.load_model(d / "train" / "model.pt")
+    model, classes, pp = load_model(d / "train" / "model.pt")
     ckpt = torch.load(d / "train" / "model.pt", weights_only=True)
     (hold, _), (tr, _) = read_manifest(manifest, {"holdout"}), read_manifest(manifest, {"train"})
     p = deploy.Params(batch_size=8)
