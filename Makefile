@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test flow schedule serve predict-folder bench
+.PHONY: setup run test flow schedule serve predict-folder recheck bench
 NGINX := /usr/sbin/nginx
 CHROMIUM := /usr/bin/chromium
 setup: $(STAMP) $(NGINX) $(CHROMIUM)
@@ -51,6 +51,10 @@ serve: $(STAMP) $(NGINX)
 
 predict-folder: $(STAMP)
 	python -m serve.batch --card $(CARD) --images $(IMAGES) --out $(OUT)
+
+# On the machine that will serve: would the deploy stage choose the shipped variant here? (stages/recheck.py)
+recheck: $(STAMP)
+	python -m stages.recheck --card $(CARD)
 
 # Benchmarks against the classic recipe and the alternatives (36 min on 2 quiet cores, 2026-11-28):
 # benchmarks/RESULTS.md. `python -m benchmarks.run --quick --out /tmp/bench` checks the harness in minutes.

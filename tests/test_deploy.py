@@ -3,6 +3,8 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -162,3 +164,17 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     assert {n.name for n in last.graph.node} >= set(excluded)
     for node in (n for n in last.graph.node if n.name in excluded and n.op_type == "Conv"):
         assert node.input[1] not in dequantized                              # its weights stayed FP32
+
+
+@pytest.mark.slow
+def test_recheck_on_the_building_machine_agrees_with_the_shipped_choice(clone):
+    """`make recheck` rebuilds and re-times the variants from the deploy stage's own command in dvc.yaml, says
+    the shipped choice holds here, and leaves the pipeline's outputs as they were."""
+    outputs = clone / "outputs/deploy"
+    before = {f.name: f.read_bytes() for f in outputs.iterdir()}
+    r = subprocess.run([sys.executable, "-m", "stages.recheck"], cwd=clone, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    shipped = json.loads(before["card.json"])["variant"]
+    assert f"shipped {shipped}; here {shipped} (" in r.stdout and "holds on this machine" in r.stdout
+    assert f"built on {machine.describe()}; here {machine.describe()}" in r.stdout
+    assert {f.name: f.read_bytes() for f in outputs.iterdir()} == before
