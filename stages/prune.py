@@ -22,7 +22,7 @@ from torch import nn
 from stages import presets, train
 from stages.checkpoint import load_checkpoint, load_model, save_checkpoint, widths
 from stages.config import UserError, atomic_text, cli, load_section, stage_device
-from stages.manifest import read_manifest
+from stages.manifest import read_manifest, read_paths
 
 SCOPES = ("hidden", "all")
 IMPORTANCES = {
@@ -108,15 +108,16 @@ def holdout_score(model, batches, device):
     return train.holdout_score(*train.predict(model, batches, device))
 
 
-def run(checkpoint, manifest, out_dir, p, device="cpu"):
-    """Prune the checkpoint, recover on train (selecting on holdout); write model.pt and report.json."""
+def run(checkpoint, manifest, out_dir, p, device="cpu", exclude=()):
+    """Prune the checkpoint, recover on train (selecting on holdout); write model.pt and report.json.
+    `exclude`: image paths to leave out, as train left them out (`labels.label_issue: drop`)."""
+    train_rows, _ = read_manifest(manifest, {"train"}, exclude)
+    hold_rows, _ = read_manifest(manifest, {"holdout"}, exclude)
+    if not train_rows or not hold_rows:
+        raise UserError(f"{manifest}: prune needs images in both the train and holdout splits")
     torch.manual_seed(p.seed)
     model, classes, pp = load_model(checkpoint)
     ckpt = load_checkpoint(checkpoint)
-    train_rows, _ = read_manifest(manifest, {"train"})
-    hold_rows, _ = read_manifest(manifest, {"holdout"})
-    if not train_rows or not hold_rows:
-        raise UserError(f"{manifest}: prune needs images in both the train and holdout splits")
     hold = train.loader(hold_rows, classes, presets.eval_transform(pp), 32, column="cached")
     acc = {"before": holdout_score(model.to(device), hold, device)[0]}
     (macs0, params0), (macs1, params1) = prune(model.cpu(), pp.input_size, p)
@@ -151,8 +152,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for a in ("--checkpoint", "--manifest", "--out"):
         ap.add_argument(a, required=True)
+    ap.add_argument("--exclude", help="a CSV whose `path` column lists images to leave out (labels stage)")
     args = ap.parse_args()
-    r = run(args.checkpoint, args.manifest, args.out, load_section(Params, "prune"), stage_device("prune"))
+    r = run(args.checkpoint, args.manifest, args.out, load_section(Params, "prune"), stage_device("prune"),
+            read_paths(args.exclude))
     print(f"prune: params {r['params_before']:,} -> {r['params_after']:,} ({r['params_kept']:.0%}), MACs "
           f"{r['macs_before']:,} -> {r['macs_after']:,} ({r['macs_kept']:.0%}); holdout accuracy "
           f"{r['holdout_acc_before']} -> {r['holdout_acc_pruned']} pruned -> {r['holdout_acc_recalibrated']} "

@@ -24,7 +24,7 @@ from stages.checkpoint import save_checkpoint
 from stages.config import UserError, atomic_write, cli, load_section, stage_device
 from stages.loading import (SOLO, autocast, class_weights, loader, loader_workers, predict, save_grid,
                             to_device)
-from stages.manifest import read_manifest
+from stages.manifest import read_manifest, read_paths
 from stages.probe import choose_c, earned, fit_probe, head_logits, set_head
 
 STRATEGIES = ("linear_probe", "finetune", "lp_ft")
@@ -201,10 +201,8 @@ def run(manifest, out_dir, p, device="cpu", exclude=()):
     """Train on the manifest's train split, select on holdout; write model.pt, history.csv and augmented.png.
     `exclude`: image paths to leave out (the labels stage's suspects under `labels.label_issue: drop`)."""
     t0 = time.perf_counter()
-    train_rows, classes = read_manifest(manifest, {"train"})
-    hold_rows, _ = read_manifest(manifest, {"holdout"})
-    exclude = set(exclude)
-    train_rows, hold_rows = ([r for r in rs if r["path"] not in exclude] for rs in (train_rows, hold_rows))
+    train_rows, classes = read_manifest(manifest, {"train"}, exclude)
+    hold_rows, _ = read_manifest(manifest, {"holdout"}, exclude)
     if not train_rows or not hold_rows:
         raise UserError(f"{manifest}: train needs images in both the train and holdout splits")
     if p.workers > 1:
@@ -281,11 +279,10 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--exclude", help="a CSV whose `path` column lists images to leave out (labels stage)")
     args = ap.parse_args()
-    exclude = [r["path"] for r in csv.DictReader(open(args.exclude, newline=""))] if args.exclude else ()
     p = load_section(Params, "train")
     device = stage_device("train")
     print(f"train: {p.backbone} ({p.weights}), strategy {p.strategy}, device {device}")
-    result = run(args.manifest, args.out, p, device, exclude)
+    result = run(args.manifest, args.out, p, device, read_paths(args.exclude))
     print(f"train: done in {result['seconds']} s")
 
 

@@ -2,8 +2,8 @@ import csv
 
 import pytest
 
-from stages import labels, prepare, train
-from stages.manifest import read_manifest
+from stages import labels, prepare, prune, train
+from stages.manifest import read_manifest, read_paths
 from tests.conftest import TINY, make_image
 
 COLORS = {"blue": (40, 40, 200), "green": (40, 180, 40), "red": (200, 40, 40)}
@@ -54,6 +54,9 @@ def test_the_flipped_labels_lead_the_list_and_drop_leaves_them_out(tmp_path, fli
     hold, _ = read_manifest(manifest, {"holdout"})
     with pytest.raises(train.UserError, match="both the train and holdout splits"):
         train.run(manifest, tmp_path / "t", train.Params(**TINY), exclude=[r["path"] for r in hold])
+    with pytest.raises(train.UserError, match="both the train and holdout splits"):     # and so does prune
+        prune.run(tmp_path / "l" / "none.pt", manifest, tmp_path / "p", prune.Params(), exclude=[r["path"] for r in hold])
+    assert read_paths(tmp_path / "l" / "exclude.csv") == [r["path"] for r in read(tmp_path / "l" / "exclude.csv")]
 
 
 def test_keep_and_fail(tmp_path, flipped):
