@@ -118,13 +118,13 @@ def run(checkpoint, manifest, out_dir, p, device="cpu", exclude=()):
     torch.manual_seed(p.seed)
     model, classes, pp = load_model(checkpoint)
     ckpt = load_checkpoint(checkpoint)
-    hold = train.loader(hold_rows, classes, presets.eval_transform(pp), 32, column="cached")
+    hold = train.loader(hold_rows, classes, presets.eval_transform(pp), 32)     # the originals, as train scores
     acc = {"before": holdout_score(model.to(device), hold, device)[0]}
     (macs0, params0), (macs1, params1) = prune(model.cpu(), pp.input_size, p)
     pruned = holdout_score(model.to(device), hold, device)
     acc["pruned"] = pruned[0]
     t0 = time.perf_counter()
-    recalibrate_bn(model, train.loader(train_rows, classes, presets.eval_transform(pp), 32, column="cached"), device)
+    recalibrate_bn(model, train.loader(train_rows, classes, presets.eval_transform(pp), 32), device)
     acc["recalibrated"] = holdout_score(model, hold, device)[0]
     known = {f.name for f in dataclasses.fields(train.Params)}
     recovery = dataclasses.replace(train.Params(**{k: v for k, v in ckpt["params"].items() if k in known}),

@@ -79,8 +79,11 @@ class Params:
 
 
 def eval_loader(rows, classes, pp, p, device, shard=SOLO, transform=None, seed=0):
-    """This process's share of `rows` in order, under the eval transform (or `transform`), from the cached copies."""
-    return loader(rows, classes, transform or presets.eval_transform(pp), p.batch_size, seed=seed, column="cached",
+    """This process's share of `rows` in order, under the eval transform (or `transform`), decoded from the original
+    files: the probe and the holdout choices see the pixels evaluate and the server see. prepare's cached copies
+    (downscaled, re-encoded) are for the fine-tune epochs; fitting the probe on them cost trashnet 1.3 points of
+    val accuracy at 256 px (0.8278 against 0.8411 on the originals; see benchmarks/DATASETS.md)."""
+    return loader(rows, classes, transform or presets.eval_transform(pp), p.batch_size, seed=seed, column="path",
                   workers=loader_workers(p.loader_workers, shard.cpus, device), device=device, shard=shard)
 
 

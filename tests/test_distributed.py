@@ -64,7 +64,7 @@ def test_two_ray_workers_train_like_one(tmp_path, manifest, checkpoint, ray_loca
 @pytest.mark.slow
 def test_a_failing_worker_is_named_and_nothing_is_written(tmp_path, manifest, ray_local):
     rows, _ = read_manifest(manifest, {"train"})
-    Path(rows[1]["cached"]).unlink()                      # position 1: worker 1's share of every pass
+    Path(rows[1]["path"]).unlink()                        # position 1: worker 1's share of every pass
     with pytest.raises(train.UserError, match=r"worker 1 of 2 failed: FileNotFoundError: .*No such file"):
         train.run(manifest, tmp_path / "t", train.Params(**{**TINY, "workers": 2, "strategy": "linear_probe"}))
     assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
