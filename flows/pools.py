@@ -118,6 +118,7 @@ def ensure(pools, name, worker_timeout_s, repo="."):
     if not dvc("remote", "default", cwd=repo).stdout.strip():
         raise UserError("orchestrate.pools routes stages to workers, which exchange outputs through DVC's "
                         "remote: none is the default (dvc remote add -d <name> <url>)")
+    check_pools(set(pools.values()))
     source = stage_on_worker.from_source(source=GitRepository(url=url), entrypoint=ENTRYPOINT)
     env = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     names = {}
@@ -145,6 +146,25 @@ def ensure(pools, name, worker_timeout_s, repo="."):
         found.trigger, found.actions = trigger, [action]
         found.update()
     return names
+
+
+def check_pools(names):
+    """Each work pool exists (a typo would wait forever for a worker); one with no worker online is logged."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from stages.config import UserError
+
+    with get_client(sync_client=True) as client:
+        for name in sorted(names):
+            try:
+                client.read_work_pool(name)
+            except ObjectNotFound:
+                raise UserError(f"orchestrate.pools names the work pool '{name}', which does not exist: "
+                                f"prefect work-pool create {name} --type process") from None
+            if not any(w.status == "ONLINE" for w in client.read_workers_for_work_pool(name)):
+                get_run_logger().warning(f"no worker of pool '{name}' is online: its stages wait for one "
+                                         f"(prefect worker start --pool {name})")
 
 
 def merge_result(repo, stage, rev, ref):

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 BIN = os.path.dirname(sys.executable)
 
 # A stage of the tiny pipeline: half its output, then `seconds` of waiting, then the rest (a kill leaves half a
-# file); `signal`, when set, is touched once the half is written.
+# file). With `signal` set, it is touched once the half is written, and only the first attempt waits.
 WORK = '''import hashlib, json, sys, time
 from pathlib import Path
 import yaml
@@ -30,9 +30,11 @@ Path(out).mkdir(parents=True, exist_ok=True)
 with open(f"{out}/r.bin", "wb") as f:
     f.write(data[:len(data) // 2])
     f.flush()
+    wait = True
     if p.get("signal"):
+        wait = not Path(p["signal"]).exists()
         Path(p["signal"]).touch()
-    time.sleep(p["seconds"])
+    time.sleep(p["seconds"] if wait else 0)
     f.write(data[len(data) // 2:])
 Path(f"{out}/m.json").write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest()}))
 '''
@@ -77,7 +79,11 @@ def tiny_repo(tmp, **params):
 
 
 def start_worker(server, pool, machine):
-    """`prefect worker start` for `pool` in the folder `machine`, its runs' clones under machine/tmp."""
+    """`prefect worker start` for `pool` (created first) in the folder `machine`, its runs' clones under
+    machine/tmp."""
+    pools = [p["name"] for p in api(server, "POST", "/work_pools/filter", json={})]
+    if pool not in pools:
+        api(server, "POST", "/work_pools/", json={"name": pool, "type": "process"})
     (machine / "tmp").mkdir(parents=True)
     env = {**server, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(machine / "prefect"),
            "TMPDIR": str(machine / "tmp"), "PREFECT_WORKER_QUERY_SECONDS": "1"}
@@ -160,6 +166,12 @@ def lock(repo):
     return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
 
 
+def timeless(stages):
+    """dvc.lock's stages without train's history.csv, the one output that records seconds."""
+    return {name: {k: [o for o in v if o["path"] != "outputs/train/history.csv"] if k == "outs" else v
+                   for k, v in s.items()} for name, s in stages.items()}
+
+
 def test_independent_routed_stages_run_at_once_and_match_a_local_repro(workers, tmp_path):
     repo = tiny_repo(tmp_path)
     local = Path(shutil.copytree(repo, tmp_path / "local", symlinks=True))
@@ -182,3 +194,68 @@ def test_independent_routed_stages_run_at_once_and_match_a_local_repro(workers, 
     overlap = min(t["end_time"] for t in (left, right)) > max(t["start_time"] for t in (left, right))
     print(f"flow wall time {wall:.1f} s with left and right (6 s each) on two pools; overlapped: {overlap}")
     assert "Traceback" not in out
+
+
+def test_a_worker_lost_mid_stage_is_retried_on_another_and_leaves_nothing_in_the_remote(server, tmp_path):
+    signal_file = tmp_path / "started"
+    repo = tiny_repo(tmp_path, left={"seconds": 120, "signal": str(signal_file)}, right={"seconds": 0},
+                     orchestrate={"pools": {"left": "c"}, "retries": 1})
+    first = start_worker(server, "c", tmp_path / "machine-c1")
+    flow = run_flow(repo, server)
+    second = None
+    try:
+        deadline = time.monotonic() + 180
+        while not signal_file.exists():
+            assert flow.poll() is None and time.monotonic() < deadline, "left never started on machine-c1"
+            time.sleep(0.5)
+        t_kill = time.perf_counter()
+        kill_machine(first)
+        second = start_worker(server, "c", tmp_path / "machine-c2")
+        out = finish(flow)
+        recovered = time.perf_counter() - t_kill
+    finally:
+        for p in (first, second, flow):
+            if p is not None and p.poll() is None:
+                kill_machine(p)
+    lost, retry = stage_runs(server)["left"][-2:]
+    assert lost["state_type"] == "CRASHED" and "no heartbeat" in lost["state"]["message"]
+    assert retry["state_type"] == "COMPLETED"
+    logs = api(server, "POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [retry["id"]]}}})
+    assert any("machine-c2" in log["message"] for log in logs), "the retry did not run on machine-c2"
+    half = list((tmp_path / "machine-c1/tmp").rglob("out/left/r.bin"))
+    full = (repo / "out/left/r.bin").read_bytes()
+    assert len(half) == 1 and half[0].read_bytes() == full[:len(full) // 2]    # the dead run's partial output
+    objects = remote_objects(tmp_path / "dvc-remote")
+    assert hashlib.md5(full).hexdigest() in objects and hashlib.md5(full[:len(full) // 2]).hexdigest() not in objects
+    assert {o["path"]: o["md5"] for o in lock(repo)["left"]["outs"]}["out/left/r.bin"] == hashlib.md5(full).hexdigest()
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+    print(f"machine-c1 killed mid-stage; the flow finished {recovered:.1f} s later on machine-c2")
+    assert "Traceback" not in out
+
+
+def test_train_and_evaluate_on_two_pools_equal_a_local_repro(workers, clone, tmp_path):
+    """The real stages on the mini photos: train on pool a, evaluate on pool b, the rest in the flow's process."""
+    repo = shared(clone, tmp_path)
+    before = lock(repo)
+    metrics = (repo / "outputs/evaluate/metrics.json").read_bytes()
+    predictions = (repo / "outputs/evaluate/predictions.csv").read_bytes()
+    for f in ["train/model.pt", "evaluate/metrics.json", "evaluate/predictions.csv", "evaluate/summary.txt",
+              "evaluate/confusion.png"]:
+        (repo / "outputs" / f).unlink()
+    set_params(repo, orchestrate={"pools": {"train": "a", "evaluate": "b"}})
+    t0 = time.perf_counter()
+    finish(run_flow(repo, workers))
+    wall = time.perf_counter() - t0
+    run = api(workers, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["transfer-pipeline"]}},
+                                                          "sort": "START_TIME_DESC", "limit": 1})[0]
+    tasks = {t["name"]: t["state"] for t in api(workers, "POST", "/task_runs/filter",
+                                                  json={"flow_runs": {"id": {"any_": [run["id"]]}}})}
+    assert {n for n, s in tasks.items() if s["name"] != "Cached"} == {"train", "evaluate"}
+    runs = stage_runs(workers)
+    assert runs["train"][-1]["work_pool_name"] == "a" and runs["evaluate"][-1]["work_pool_name"] == "b"
+    assert runs["train"][-1]["state_type"] == runs["evaluate"][-1]["state_type"] == "COMPLETED"
+    assert timeless(lock(repo)) == timeless(before)      # model.pt byte for byte, and every other hash
+    assert (repo / "outputs/evaluate/metrics.json").read_bytes() == metrics
+    assert (repo / "outputs/evaluate/predictions.csv").read_bytes() == predictions
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+    print(f"train on pool a, evaluate on pool b, the rest cached: {wall:.1f} s")
