@@ -160,7 +160,10 @@ def pipeline(repo="."):
 
     A failed stage fails the flow with the stage's own message as a state, not as a re-raised exception:
     the stage's output is in the log already, and a traceback of Prefect's engine would only bury it."""
-    p = load_section(Params, "orchestrate", f"{repo}/params.yaml")
+    try:
+        p = load_section(Params, "orchestrate", f"{repo}/params.yaml")
+    except UserError as e:
+        return Failed(message=str(e))
     stage = run_stage.with_options(retries=p.retries, retry_delay_seconds=p.retry_delay_seconds)
     if p.pools:
         return routed(p, repo, stage)

@@ -118,7 +118,7 @@ def ensure(pools, name, worker_timeout_s, repo="."):
     if not dvc("remote", "default", cwd=repo).stdout.strip():
         raise UserError("orchestrate.pools routes stages to workers, which exchange outputs through DVC's "
                         "remote: none is the default (dvc remote add -d <name> <url>)")
-    check_pools(set(pools.values()))
+    check_work_pools(set(pools.values()))
     source = stage_on_worker.from_source(source=GitRepository(url=url), entrypoint=ENTRYPOINT)
     env = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     names = {}
@@ -148,7 +148,7 @@ def ensure(pools, name, worker_timeout_s, repo="."):
     return names
 
 
-def check_pools(names):
+def check_work_pools(names):
     """Each work pool exists (a typo would wait forever for a worker); one with no worker online is logged."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound

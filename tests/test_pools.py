@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.pipeline import Params, check_pools
+from stages.config import UserError, load_section
 from tests.conftest import ROOT, api, set_params, sh
 
-pytestmark = pytest.mark.slow
 BIN = os.path.dirname(sys.executable)
 
 # A stage of the tiny pipeline: half its output, then `seconds` of waiting, then the rest (a kill leaves half a
@@ -26,6 +27,8 @@ import yaml
 name, out, *inputs = sys.argv[1:]
 p = yaml.safe_load(open("params.yaml"))[name]
 data = hashlib.sha256(b"".join(Path(f).read_bytes() for f in inputs) + name.encode()).digest() * 4096
+if p.get("fail"):
+    sys.exit(f"error: {name}.fail is set")
 Path(out).mkdir(parents=True, exist_ok=True)
 with open(f"{out}/r.bin", "wb") as f:
     f.write(data[:len(data) // 2])
@@ -38,6 +41,24 @@ with open(f"{out}/r.bin", "wb") as f:
     f.write(data[len(data) // 2:])
 Path(f"{out}/m.json").write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest()}))
 '''
+
+
+@pytest.mark.parametrize("pools, error", [
+    (["train"], "orchestrate.pools must be a mapping, not ['train'] (list)"),
+    ({"train": 3}, "pools.train must be a work pool's name, not 3"),
+    ({"trian": "gpu"}, "orchestrate.pools names 'trian', which is not a stage of dvc.yaml; did you mean 'train'?"),
+])
+def test_pools_must_map_stages_to_pool_names(tmp_path, pools, error):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"orchestrate": {"pools": pools}}))
+    with pytest.raises(UserError) as e:
+        check_pools(load_section(Params, "orchestrate", tmp_path / "params.yaml"), ["prepare", "train"], "params.yaml")
+    assert error in str(e.value)
+
+
+def test_no_pools_is_the_in_process_default(tmp_path):
+    (tmp_path / "params.yaml").write_text("orchestrate:\n  pools:\n")
+    assert load_section(Params, "orchestrate", tmp_path / "params.yaml").pools == {}
+    assert load_section(Params, "orchestrate", ROOT / "params.yaml").pools == {}
 
 
 def tiny_stage(name, inputs):
@@ -68,7 +89,7 @@ def tiny_repo(tmp, **params):
               "left": tiny_stage("left", ["out/make/r.bin", "out/make/m.json"]),
               "right": tiny_stage("right", ["out/make/r.bin", "out/make/m.json"])}
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    sections = {"make": {"seconds": 0}, "left": {"seconds": 6}, "right": {"seconds": 6},
+    sections = {"make": {"seconds": 0}, "left": {"seconds": 4}, "right": {"seconds": 4},
                 "orchestrate": {"retries": 0, "retry_delay_seconds": 0, "worker_timeout_s": 45}}
     for section, values in params.items():
         sections[section].update(values)
@@ -141,10 +162,17 @@ def finish(flow, timeout=600):
     return out
 
 
+def last_flow_run(env):
+    return api(env, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["transfer-pipeline"]}},
+                                                       "sort": "START_TIME_DESC", "limit": 1})[0]
+
+
 def stage_runs(env):
-    """{stage: [its stage-on-worker runs, oldest first]}."""
-    runs = api(env, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["stage-on-worker"]}},
-                                                        "sort": "EXPECTED_START_TIME_ASC"})
+    """{stage: [its stage-on-worker runs, oldest first]} of the last pipeline run."""
+    parent = last_flow_run(env)["id"]
+    runs = api(env, "POST", "/flow_runs/filter", json={
+        "flow_runs": {"parent_flow_run_id": {"any_": [parent]}},
+        "sort": "EXPECTED_START_TIME_ASC"})
     out = {}
     for r in runs:
         out.setdefault(r["parameters"]["stage"], []).append(r)
@@ -172,6 +200,7 @@ def timeless(stages):
                    for k, v in s.items()} for name, s in stages.items()}
 
 
+@pytest.mark.slow
 def test_independent_routed_stages_run_at_once_and_match_a_local_repro(workers, tmp_path):
     repo = tiny_repo(tmp_path)
     local = Path(shutil.copytree(repo, tmp_path / "local", symlinks=True))
@@ -192,10 +221,11 @@ def test_independent_routed_stages_run_at_once_and_match_a_local_repro(workers, 
     assert sh(repo, "git", "ls-remote", "origin", "refs/pipeline/*").stdout == ""     # hand-over refs dropped
     remote_objects(tmp_path / "dvc-remote")
     overlap = min(t["end_time"] for t in (left, right)) > max(t["start_time"] for t in (left, right))
-    print(f"flow wall time {wall:.1f} s with left and right (6 s each) on two pools; overlapped: {overlap}")
+    print(f"flow wall time {wall:.1f} s with left and right (4 s each) on two pools; overlapped: {overlap}")
     assert "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_a_worker_lost_mid_stage_is_retried_on_another_and_leaves_nothing_in_the_remote(server, tmp_path):
     signal_file = tmp_path / "started"
     repo = tiny_repo(tmp_path, left={"seconds": 120, "signal": str(signal_file)}, right={"seconds": 0},
@@ -217,7 +247,7 @@ def test_a_worker_lost_mid_stage_is_retried_on_another_and_leaves_nothing_in_the
         for p in (first, second, flow):
             if p is not None and p.poll() is None:
                 kill_machine(p)
-    lost, retry = stage_runs(server)["left"][-2:]
+    lost, retry = stage_runs(server)["left"]
     assert lost["state_type"] == "CRASHED" and "no heartbeat" in lost["state"]["message"]
     assert retry["state_type"] == "COMPLETED"
     logs = api(server, "POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [retry["id"]]}}})
@@ -233,6 +263,7 @@ def test_a_worker_lost_mid_stage_is_retried_on_another_and_leaves_nothing_in_the
     assert "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_on_two_pools_equal_a_local_repro(workers, clone, tmp_path):
     """The real stages on the mini photos: train on pool a, evaluate on pool b, the rest in the flow's process."""
     repo = shared(clone, tmp_path)
@@ -246,8 +277,7 @@ def test_train_and_evaluate_on_two_pools_equal_a_local_repro(workers, clone, tmp
     t0 = time.perf_counter()
     finish(run_flow(repo, workers))
     wall = time.perf_counter() - t0
-    run = api(workers, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["transfer-pipeline"]}},
-                                                          "sort": "START_TIME_DESC", "limit": 1})[0]
+    run = last_flow_run(workers)
     tasks = {t["name"]: t["state"] for t in api(workers, "POST", "/task_runs/filter",
                                                   json={"flow_runs": {"id": {"any_": [run["id"]]}}})}
     assert {n for n, s in tasks.items() if s["name"] != "Cached"} == {"train", "evaluate"}
@@ -259,3 +289,19 @@ def test_train_and_evaluate_on_two_pools_equal_a_local_repro(workers, clone, tmp
     assert (repo / "outputs/evaluate/predictions.csv").read_bytes() == predictions
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
     print(f"train on pool a, evaluate on pool b, the rest cached: {wall:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_routed_stage_on_bad_input_fails_once_and_stops_what_reads_it(workers, tmp_path):
+    repo = tiny_repo(tmp_path, orchestrate={"pools": {"make": "a"}, "retries": 2})
+    set_params(repo, make={"fail": True})
+    flow = run_flow(repo, workers)
+    out, _ = flow.communicate(timeout=300)
+    assert flow.returncode == 1 and "error: the flow ended Failed: stage 'make' failed" in out
+    assert "error: make.fail is set" in out and "Traceback" not in out
+    assert len(stage_runs(workers)["make"]) == 1                    # bad input: not retried
+    assert "left" not in stage_runs(workers) and not (repo / "out").exists()
+    set_params(repo, make={"fail": False}, orchestrate={"pools": {"left": "nosuch"}})
+    flow = run_flow(repo, workers)
+    out, _ = flow.communicate(timeout=300)
+    assert flow.returncode == 1 and "work pool 'nosuch', which does not exist" in out and "Traceback" not in out
