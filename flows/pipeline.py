@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from flows import pools
+from flows.pools import HEARTBEAT_S
 from stages.config import UserError, load_section, stage_device
 
 WORKSPACE = threading.Lock()     # DVC commands in the flow's own checkout: one task at a time
@@ -40,8 +41,8 @@ class Params:
     worker_timeout_s: int = 90          # a routed stage's worker silent this long (no heartbeat) is lost
 
     def __post_init__(self):
-        if self.worker_timeout_s <= pools.HEARTBEAT_S:
-            raise ValueError(f"worker_timeout_s must exceed the {pools.HEARTBEAT_S} s between heartbeats")
+        if self.worker_timeout_s <= HEARTBEAT_S:
+            raise ValueError(f"worker_timeout_s must exceed the {HEARTBEAT_S} s between heartbeats")
         for stage, pool in self.pools.items():
             if not isinstance(pool, str) or not pool:
                 raise ValueError(f"pools.{stage} must be a work pool's name, not {pool!r}")
