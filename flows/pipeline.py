@@ -14,7 +14,6 @@ import difflib
 import json
 import subprocess
 import sys
-import threading
 import urllib.request
 
 import networkx as nx
@@ -26,8 +25,6 @@ from prefect.states import Completed, Failed
 from flows import pools
 from flows.pools import HEARTBEAT_S
 from stages.config import UserError, load_section, stage_device
-
-WORKSPACE = threading.Lock()     # DVC commands in the flow's own checkout: one task at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +97,7 @@ def cached(stage, repo):
 
 @task(task_run_name="{stage}", retry_condition_fn=transient)
 def run_stage(stage, repo="."):
-    with WORKSPACE:
+    with pools.WORKSPACE:
         return cached(stage, repo) or reproduce(stage, repo)
 
 
@@ -123,7 +120,7 @@ def reproduce(stage, repo):
 @task(task_run_name="{stage}", retry_condition_fn=transient)
 def run_routed(stage, repo, deployment, inputs):
     """`stage` on a worker of its pool (flows/pools.py), its results then brought into this workspace."""
-    with WORKSPACE:
+    with pools.WORKSPACE:
         if state := cached(stage, repo):
             return state
         rev, ref = pools.publish(repo, stage, flow_run.id, inputs)
@@ -136,7 +133,7 @@ def run_routed(stage, repo, deployment, inputs):
             return Failed(message=str(e), data=e)
         if not run.state.is_completed():             # a lost worker (Crashed), a failed clone, push or pull
             raise RuntimeError(f"stage '{stage}': {deployment} run '{run.name}' ended {run.state.name}: {message}")
-        with WORKSPACE:
+        with pools.WORKSPACE:
             pools.merge_result(repo, stage, rev, ref)
     finally:
         pools.unpublish(repo, ref)

@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,6 +32,9 @@ FLOW = "stage-on-worker"
 ENTRYPOINT = "flows/pools.py:stage_on_worker"
 HEARTBEAT_S = 30                  # Prefect's shortest interval between flow run heartbeats
 AUTOMATION = "crash-lost-stage-workers"
+# DVC commands in the flow's own checkout, one task at a time. Reached as `pools.WORKSPACE`: `flow.serve` pickles
+# the flow's functions by value, and a lock among their globals cannot be pickled.
+WORKSPACE = threading.Lock()
 STAGE_OUTPUT = "the stage failed; its last lines:"   # heads a worker's Failed message: the stage's own failure
 
 
