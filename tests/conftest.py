@@ -1,10 +1,13 @@
 """Shared fixtures: generated images and tiny models, offline and on the CPU."""
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -140,3 +143,29 @@ def ray_local():
     ray = ray_init(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real `prefect server start` (SQLite) for the whole test session: it takes 20 s or more to start."""
+    home = tmp_path_factory.mktemp("prefect")
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}   # schedule runs within seconds
+    proc = subprocess.run([sys.executable, "-m", "flows.server"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield env
+    os.kill(int((home / "server.pid").read_text()), signal.SIGTERM)
+
+
+def api(env, method, path, **kw):
+    r = httpx.request(method, env["PREFECT_API_URL"] + path, timeout=30, **kw)
+    r.raise_for_status()
+    return r.json()

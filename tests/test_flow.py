@@ -1,44 +1,15 @@
 """The Prefect flow against a real Prefect server on loopback: cached stages, the data gate, the schedule."""
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from flows.pipeline import stage_order
-from tests.conftest import ROOT, set_params, sh
+from tests.conftest import ROOT, api, set_params, sh
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """One real `prefect server start` (SQLite) for the whole test session: it takes 20 s or more to start."""
-    home = tmp_path_factory.mktemp("prefect")
-    url = f"http://127.0.0.1:{free_port()}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}   # schedule runs within seconds
-    proc = subprocess.run([sys.executable, "-m", "flows.server"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    yield env
-    os.kill(int((home / "server.pid").read_text()), signal.SIGTERM)
-
-
-def api(env, method, path, **kw):
-    r = httpx.request(method, env["PREFECT_API_URL"] + path, timeout=30, **kw)
-    r.raise_for_status()
-    return r.json()
 
 
 def run_flow(repo, env):
