@@ -94,7 +94,8 @@ def bench(files, x1, xb, p):
     ms = {n: np.array(v) * 1e3 for n, v in lat.items()}
     per_round = {n: np.median(np.reshape(np.concatenate([lat[n], again[n]]) * 1e3, (2 * p.rounds, -1)), axis=1)
                  for n in files}
-    return {n: {"latency_ms_p50": r2(np.median(ms[n])), "latency_ms_rounds": [r2(v) for v in per_round[n]], "latency_ms_p99": r2(np.percentile(ms[n], 99)),
+    return {n: {"latency_ms_p50": r2(np.median(ms[n])), "latency_ms_rounds": [r2(v) for v in per_round[n]],
+                "latency_ms_p99": r2(np.percentile(ms[n], 99)),
                 "latency_ms_min": r2(ms[n].min()), "latency_ms_max": r2(ms[n].max()),
                 "latency_ms_p50_after_batch": r2(np.median(again[n]) * 1e3),
                 "throughput_b1": r2(1 / np.median(lat[n])), f"throughput_b{len(xb)}": r2(len(xb) / np.median(thr[n])),
