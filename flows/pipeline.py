@@ -12,18 +12,16 @@ flow's own workspace (its in-process stages, and bringing a worker's results in)
 import dataclasses
 import difflib
 import json
-import subprocess
 import sys
 import urllib.request
 
-import networkx as nx
 from prefect import flow, get_run_logger, task
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from flows import pools
-from flows.pools import HEARTBEAT_S
+from flows.pools import HEARTBEAT_S, dvc
 from stages.config import UserError, load_section, stage_device
 
 
@@ -65,14 +63,7 @@ class StageFailed(Exception):
 
 def stage_order(repo="."):
     """Stage names from DVC's graph, dependencies first (no second copy of the DAG in Python)."""
-    from dvc.repo import Repo
-
-    with Repo(repo) as r:
-        return [s.name for s in reversed(list(nx.topological_sort(r.index.graph)))]
-
-
-def dvc(*args, cwd="."):
-    return subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True)
+    return list(pools.upstream(repo))
 
 
 def transient(task, task_run, state):
