@@ -15,7 +15,12 @@ import ctypes.util
 from serve.model import InputError, decode, open_image
 
 try:                                    # glibc: hand freed heap pages back to the OS after a burst
-    _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    _malloc_trim = _libc.malloc_trim
+    # A fixed mmap threshold: glibc raises it to the size of each freed mmapped block (up to 32 MiB), after which
+    # Pillow's 16 MiB image blocks come from the heap arenas, where they stay resident; mmapped, they go back
+    # to the OS the moment an image is freed. M_MMAP_THRESHOLD is -3 in glibc's malloc.h.
+    _libc.mallopt(-3, 4 * 2 ** 20)
 except (OSError, AttributeError, TypeError):
     _malloc_trim = None
 
