@@ -32,9 +32,10 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model(path):
-    """(model in eval mode, class names, Preprocessing) from train's checkpoint or prune's."""
-    ckpt = load_checkpoint(path)
+def load_model(ckpt):
+    """(model in eval mode, class names, Preprocessing) from train's checkpoint or prune's: a path, or the
+    dict `load_checkpoint` read (a stage that needs the rest of it reads the file once)."""
+    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
     model, _ = backbones.create(ckpt["backbone"], "none", len(ckpt["classes"]), ckpt["dropout"])
     if "pruning" in ckpt:
         rebuild(model, ckpt["model"], ckpt["pruning"]["widths"])

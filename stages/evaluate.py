@@ -90,7 +90,8 @@ def summary(m, classes):
 
 def run(checkpoint, onnx_path, manifest, out_dir, p, device="cpu"):
     """Score both models on val; write metrics.json, predictions.csv, confusion.png and summary.txt."""
-    model, classes, pp = load_model(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    model, classes, pp = load_model(ckpt)
     rows, _ = read_manifest(manifest, {"val"})
     batches = loader(rows, classes, presets.eval_transform(pp), p.batch_size)
     torch_logits, labels = predict(model.to(device), batches, device, "evaluate: PyTorch")
@@ -98,7 +99,6 @@ def run(checkpoint, onnx_path, manifest, out_dir, p, device="cpu"):
     tp, op = torch_logits.argmax(1), onnx_logits.argmax(1)
     metrics = {"val_images": len(rows), "pytorch": scores(tp, labels, classes),
                "onnx": scores(op, labels, classes), "onnx_agreement": round((tp == op).float().mean().item(), 4)}
-    ckpt = load_checkpoint(checkpoint)
     base = baseline_logits(ckpt, batches, device, torch_logits)
     if base is not None:
         b = scores(base.argmax(1), labels, classes)

@@ -57,8 +57,8 @@ def parity(a, b):
 
 def run(checkpoint, manifest, out_dir, p):
     """Export, check, and measure parity on val; a model outside the tolerances is never written."""
-    model, classes, pp = load_model(checkpoint)
-    params = load_checkpoint(checkpoint)["params"]
+    ckpt = load_checkpoint(checkpoint)
+    (model, classes, pp), params = load_model(ckpt), ckpt["params"]
     rows, _ = read_manifest(manifest, {"val"})
     batches = loader(rows, classes, presets.eval_transform(pp), p.batch_size)
     torch_logits, _ = predict(model, batches, "cpu", "export: parity")

@@ -116,8 +116,8 @@ def run(checkpoint, manifest, out_dir, p, device="cpu", exclude=()):
     if not train_rows or not hold_rows:
         raise UserError(f"{manifest}: prune needs images in both the train and holdout splits")
     torch.manual_seed(p.seed)
-    model, classes, pp = load_model(checkpoint)
     ckpt = load_checkpoint(checkpoint)
+    model, classes, pp = load_model(ckpt)
     hold = train.loader(hold_rows, classes, presets.eval_transform(pp), 32)     # the originals, as train scores
     acc = {"before": holdout_score(model.to(device), hold, device)[0]}
     (macs0, params0), (macs1, params1) = prune(model.cpu(), pp.input_size, p)

@@ -166,8 +166,8 @@ def run(checkpoint, card_path, manifest, out_dir, p):
     from stages.card import read_card
     torch.set_num_threads(p.threads)
     card = read_card(card_path)
-    model, classes, pp = load_model(checkpoint)
     ckpt = load_checkpoint(checkpoint)
+    model, classes, pp = load_model(ckpt)
     sess = runtime.session(card["model"], p.threads)
     fitted = trust.Trust.from_metadata(sess.get_modelmeta().custom_metadata_map)
     val_rows, _ = read_manifest(manifest, {"val"})
