@@ -65,4 +65,5 @@ bench: $(STAMP)
 	python -m benchmarks.scale_train | tee benchmarks/SCALE_TRAIN.md
 	python -m benchmarks.batch_bench | tee benchmarks/BATCH.md
 	python -m benchmarks.label_bench | tee benchmarks/LABELS.md
+	python -m benchmarks.stability | tee benchmarks/STABILITY.md
 	python -m benchmarks.gpu_check | tee benchmarks/GPU.md

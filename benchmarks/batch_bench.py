@@ -77,7 +77,7 @@ def run(card, n, p, work):
     files = sorted(images.iterdir())
     model = Model(card, p.threads)
     cores = os.cpu_count()
-    r = {"cpu": describe(), "n": len(files), "variant": model.card["variant"]}
+    r = {"cpu": describe(), "n": len(files), "variant": model.card["variant"], "single_p": model.resolve(p)}
     r["single_s"] = timed(lambda: predict_folder.run(card, images, work / "single.csv", p))
     from stages.cluster import ray_init
     r["ray_init_s"] = timed(ray_init)
@@ -95,8 +95,8 @@ def run(card, n, p, work):
 def report(r, p):
     best = max(r["infer"], key=r["infer"].get)
     lines = [f"batch prediction, {r['n']} images, {r['variant']}, {r['cpu']}",
-             f"  single-process predict_folder: {r['single']:7.1f} img/s  (batch {p.max_batch_size}, "
-             f"{p.threads} ORT threads, {p.decode_threads} decode threads)",
+             f"  single-process predict_folder: {r['single']:7.1f} img/s  (batch {r['single_p'].max_batch_size}, "
+             f"{r['single_p'].threads} ORT threads, {r['single_p'].decode_threads} decode threads)",
              f"  Ray Data (serve/batch.py):     {r['ray']:7.1f} img/s  (batch {p.batch_size}, actors "
              f"{p.batch_actors or 'auto'} x {p.batch_threads} threads; ray init {r['ray_init_s']:.1f} s not counted)",
              f"  Ray Data on 16 images:         {r['ray_small_s']:7.1f} s      (the fixed cost of a job: actors start, "

@@ -79,10 +79,9 @@ def serving(parts):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     levels = [int(c) for c in s["levels"]]
     a.plot(levels, [s["levels"][str(c)]["img_s"]["median"] for c in levels], "o-", label="server, 1 image per request")
-    for key, ls, label in (("ort32", "--", "in-process ORT, batch 32"),
-                           ("e2e32", "-.", "in-process decode + ORT, batch 32"),
-                           ("e2e1", ":", "in-process decode + ORT, 1 image")):
-        a.axhline(s["inprocess"][key]["median"], c=f"C{len(a.lines)}", ls=ls, label=label)
+    b_ = s["limit"]["best"]
+    a.axhline(s["inprocess"]["median"], c="C1", ls="--", label=f"in-process limit, decode included (batch "
+              f"{b_['batch']}, {b_['lanes']} lane(s) x {b_['threads']} thread(s))")
     for key, ls in (("p50_ms", "o-"), ("p99_ms", "s--")):
         b.plot(levels, [s["levels"][str(c)][key]["median"] for c in levels], ls, label=key.split("_")[0])
     for ax, ylabel, title in ((a, "images/s", "throughput"), (b, "ms", "request latency")):

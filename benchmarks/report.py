@@ -11,7 +11,7 @@ from benchmarks import plots  # noqa: E402
 TITLES = {"train": "1. Train recipe: the pipeline against the classic tutorial loop",
           "scratch": "2. Transfer against training from scratch, same budget",
           "deploy": "3. Deploy variants", "overhead": "4. Pipeline overhead with nothing to do",
-          "serving": "5. Serving: HTTP service against in-process ONNX Runtime"}
+          "serving": "5. Serving: HTTP service against the in-process limit"}
 HOW = {"train": "`benchmarks.recipes.compare`: `stages.train.run` (params.yaml `train`) against the classic loop",
        "scratch": "`benchmarks.recipes.scratch`: `stages.train.run` with `weights: none`, and the classic loop "
                   "from scratch",
@@ -19,7 +19,7 @@ HOW = {"train": "`benchmarks.recipes.compare`: `stages.train.run` (params.yaml `
                  "`stages.deploy.measure` at each thread count",
        "overhead": "`benchmarks.overhead.run`: `dvc repro` and `python -m flows.pipeline` against "
                    "`flows.server.ensure`'s server",
-       "serving": "`benchmarks.serving.run`: `benchmarks.serve_bench` (`start_server`, `load`, `in_process`)"}
+       "serving": "`benchmarks.serving.run`: `stages.throughput.sweep`, `benchmarks.serve_bench` (`start_server`, `load`)"}
 
 
 def s3(s, digits=1, unit=""):
@@ -65,8 +65,10 @@ def headline(parts):
                      f"{o['server_start_s']} s (once)"))
     if "error" not in sv:
         lv = sv["levels"]["32"]
-        rows.append(("server at concurrency 32 / in-process ORT batch 32 (img/s)", x(lv["vs_inprocess"]),
-                     f"server {t_(lv['img_s'])} img/s, in-process {t_(sv['inprocess']['ort32'])} img/s"))
+        b = sv["limit"]["best"]
+        rows.append(("server at concurrency 32 / in-process limit, decode included (img/s)", x(lv["vs_limit"]),
+                     f"server {t_(lv['img_s'])} img/s, limit {t_(sv['inprocess'])} img/s (batch {b['batch']}, "
+                     f"{b['lanes']} lane(s) x {b['threads']} thread(s))"))
     lines = ["| comparison | ratio / difference (median, min-max) | detail (medians) |", "|---|---|---|"]
     return lines + [f"| {a} | {b} | {c} |" for a, b, c in rows]
 
@@ -168,17 +170,24 @@ def section_overhead(o):
 
 
 def section_serving(s):
+    lim = s["limit"]
     lines = [f"Model {s['model']}; image {s['image']} ({s['image_bytes']:,} bytes); {s['seconds']} s per phase, "
-             f"{s['repeats']} repeat(s); server params {s['params']}; server start {s['server_start_s']} s.", "",
-             "| mode | img/s (min / median / max) | p50 ms | p99 ms | mean batch | errors | requests "
-             "| / in-process ORT@32 | / in-process decode + ORT@32 |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| in-process ORT, batch 32 | {s3(s['inprocess']['ort32'])} | | | 32 | | | | |",
-             f"| in-process decode + ORT, batch 32 | {s3(s['inprocess']['e2e32'])} | | | 32 | | | | |",
-             f"| in-process decode + ORT, 1 image | {s3(s['inprocess']['e2e1'])} | | | 1 | | | | |",
-             f"| in-process decode only | {s3(s['inprocess']['prep'])} | | | | | | | |"]
+             f"{s['repeats']} repeat(s); server params {s['params']} (0: the sweep's best); server start "
+             f"{s['server_start_s']} s.", "",
+             f"The in-process limit: decode + ONNX Runtime images/s at each batch size and split of the "
+             f"{lim['cores']} cores into lanes (concurrent calls) x intra-op threads, median of {lim['rounds']} "
+             f"rotated rounds of {lim['seconds']} s (`stages.throughput.sweep`; the deploy stage runs the same "
+             "sweep and the server takes its defaults from it).", "",
+             "| batch | lanes x threads | img/s |", "|---|---|---|"]
+    lines += [f"| {v['batch']} | {v['lanes']} x {v['threads']} | "
+              + (f"**{v['img_s']}** (the limit) |" if v == lim["best"] else f"{v['img_s']} |")
+              for v in lim["settings"]]
+    lines += ["", "| mode | img/s (min / median / max) | p50 ms | p99 ms | mean batch | errors | requests "
+              "| / in-process limit |", "|---|---|---|---|---|---|---|---|",
+              f"| in process, the limit's setting (before and after each phase) | {s3(s['inprocess'])} "
+              "| | | | | | |"]
     lines += [f"| server, concurrency {c} | {s3(v['img_s'])} | {t_(v['p50_ms'])} | {t_(v['p99_ms'])} | "
-              f"{t_(v['mean_batch'])} | {v['errors']} | {v['requests']} | {x(v['vs_inprocess'])} | {x(v['vs_e2e32'])} |"
+              f"{t_(v['mean_batch'])} | {v['errors']} | {v['requests']} | {x(v['vs_limit'])} |"
               for c, v in s["levels"].items()]
     return lines + ["", "![serving](serving.png)"]
 

@@ -1,16 +1,16 @@
-"""Benchmark the HTTP service against ONNX Runtime in-process, in one run on one machine (prints, never asserts).
+"""Benchmark the HTTP service against the in-process serving limit, in one run on one machine (prints, never
+asserts).
 
 The server runs in its own process (`serve.app.serve`) on the pipeline's model: the one outputs/deploy/card.json
-names, or outputs/export/model.onnx, or else a tiny model built here. Clients send one real photo
-per request at concurrency 1, 8 and 32 for a fixed time each; in-process ORT runs batches of 32 of the same
-preprocessed photo with the same thread budget. Client and server share this machine's cores.
+names, or outputs/export/model.onnx, or else a tiny model built here. First the limit: decode + ONNX Runtime
+images/s in process at batch sizes 1-32 and every split of the cores into lanes x threads
+(`stages.throughput`); the server runs with the fastest. Clients send one real photo per request at
+concurrency 1, 8 and 32 for a fixed time each. Client and server share this machine's cores.
 Run from the project root: python -m benchmarks.serve_bench [--seconds 10]
 """
 import argparse
 import asyncio
-import concurrent.futures
 import dataclasses
-import functools
 import io
 import json
 import os
@@ -25,7 +25,6 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.model import preprocess
 from stages.config import UserError
 
 CARD, MODEL = Path("outputs/deploy/card.json"), Path("outputs/export/model.onnx")
@@ -60,28 +59,6 @@ def photo():
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), np.uint8)).save(buf, "JPEG")
     return buf.getvalue(), "generated 320x240 JPEG"
-
-
-def rate(step, seconds):
-    """Calls of `step` per second over `seconds`, after one warm-up call."""
-    step()
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        step()
-        n += 1
-    return n / (time.perf_counter() - start)
-
-
-def in_process(model, p, data, seconds):
-    """{name: images/s}: ORT alone at batch 32; decode + ORT at batch 32 (decoding on `decode_threads` threads,
-    as the server does); one image end to end; preprocessing alone."""
-    prep = functools.partial(preprocess, transform=model.transform, max_pixels=p.max_pixels)
-    with concurrent.futures.ThreadPoolExecutor(p.decode_threads) as pool:
-        batch = np.stack([prep(data)] * 32)
-        return {"ort32": 32 * rate(lambda: model.infer(batch), seconds),
-                "e2e32": 32 * rate(lambda: model.infer(np.stack(list(pool.map(prep, [data] * 32)))), seconds),
-                "e2e1": rate(lambda: model.infer(prep(data)[None]), seconds / 2),
-                "prep": rate(lambda: prep(data), seconds / 2)}
 
 
 async def post(reader, writer, head, data):
@@ -169,19 +146,19 @@ def main():
         model, variant, what = pick_model(Path(tmp))
         print(f"model: {what}")
         r = serving.run(model, variant, tmp, args.seconds, repeats=1)
-    med = {k: v["median"] for k, v in r["inprocess"].items()}
-    print(f"image: {r['image']} ({r['image_bytes']:,} bytes)\nparams: {r['params']}\n")
-    print(f"{'mode':<34}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>8}{'requests':>10}")
-    print(f"{'in-process ORT, batch 32':<34}{med['ort32']:>8.1f}{'':>25}32")
-    print(f"{'in-process decode+ORT, batch 32':<34}{med['e2e32']:>8.1f}{'':>25}32")
-    print(f"{'in-process decode+ORT, 1 image':<34}{med['e2e1']:>8.1f}{1e3 / med['e2e1']:>9.1f}{'':>16}1")
-    print(f"{'in-process decode only, 1 thread':<34}{med['prep']:>8.1f}")
+    print(f"image: {r['image']} ({r['image_bytes']:,} bytes)\nserver params: {r['params']} (0: the sweep's best)\n")
+    print(f"{'in process, decode + ORT':<30}{'img/s':>8}   (median of {r['limit']['rounds']} rounds x "
+          f"{r['limit']['seconds']} s, {r['limit']['cores']} cores)")
+    for s in r["limit"]["settings"]:
+        print(f"  batch {s['batch']:>2}, {s['lanes']} lane(s) x {s['threads']} thread(s){s['img_s']:>9.1f}"
+              + ("  <- the limit, the server's setting" if s == r["limit"]["best"] else ""))
+    print(f"\n{'server':<18}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>8}{'requests':>10}"
+          f"{'/ limit':>9}")
     for c, v in r["levels"].items():
-        print(f"{f'server, concurrency {c}':<34}{v['img_s']['median']:>8.1f}{v['p50_ms']['median']:>9.1f}"
-              f"{v['p99_ms']['median']:>9.1f}{v['mean_batch']['median']:>7.1f}{v['errors']:>8}{v['requests']:>10}")
-    v = r["levels"]["32"]
-    print(f"\nserver@32 / in-process ORT@32 = {v['vs_inprocess']['median']:.2f}; / in-process decode+ORT@32 = "
-          f"{v['vs_e2e32']['median']:.2f} (each against the in-process runs either side of it)")
+        print(f"{f'concurrency {c}':<18}{v['img_s']['median']:>8.1f}{v['p50_ms']['median']:>9.1f}"
+              f"{v['p99_ms']['median']:>9.1f}{v['mean_batch']['median']:>7.1f}{v['errors']:>8}{v['requests']:>10}"
+              f"{v['vs_limit']['median']:>9.2f}")
+    print("\n/ limit: against the limit's setting run in process just before and after each phase")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 

@@ -1,17 +1,23 @@
-"""Part 5: the HTTP service under load next to ONNX Runtime in-process, with benchmarks/serve_bench.py's own
-functions: one real photo per request at concurrency 1, 8 and 32, each for a fixed time; in-process ORT at
-batch 32 (same thread budget), alone and after decoding, runs before and after every server phase, and each server figure is divided by
-the mean of the two runs either side of it (client, server and ORT share this machine's cores).
+"""Part 5: the HTTP service under load against the in-process serving limit, with benchmarks/serve_bench.py's
+own functions. First the limit: `stages.throughput.sweep` (decode + ONNX Runtime, every batch size and core
+split) on the photo the clients send; the server then runs with the fastest setting found (the card it reads
+carries the sweep, as the deploy stage's does). Clients send that photo, one per request, at concurrency 1, 8
+and 32 for a fixed time each; the fastest setting runs in process again before and after every server phase,
+and each server figure is divided by the mean of the two runs either side of it (client, server and ORT share
+this machine's cores).
 """
 import asyncio
+import concurrent.futures
 import dataclasses
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import serve_bench
 from benchmarks.timing import pairwise, section, spread, wall
-from serve.model import Model, Params
+from serve.model import Params
+from stages import machine, runtime, throughput
 from stages.card import write_card
 
 LEVELS = (1, 8, 32)
@@ -30,21 +36,31 @@ def run(onnx_path, variant, work, seconds, repeats):
     """Part 5's result for the ONNX file `onnx_path` (`variant` names it)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    p = section(Params, "serve")
     data, source = serve_bench.photo()
+    sweep = throughput.Sweep(seconds=seconds / 10, rounds=2)
+    with concurrent.futures.ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        limit = pool.submit(throughput.sweep, str(onnx_path), [data], sweep).result()   # torch-free, alone
+    best = limit["best"]
     card = work / "card.json"                       # as the server reads one (the SHA-256 is checked at start)
-    write_card(card, {"model": Path(onnx_path).resolve(), "variant": variant, "git_rev": "bench"})
-    model = Model(card, p.threads)                  # in this process: ORT with the server's thread budget
+    write_card(card, {"model": Path(onnx_path).resolve(), "variant": variant, "git_rev": "bench",
+                      "built_on": machine.cpu(), "serving": limit})
+    p = section(Params, "serve")
+    runners = [runtime.Runner(onnx_path, best["threads"], spinning=False) for _ in range(best["lanes"])]
+    decode = throughput.decoder(runtime.metadata(runners[0].sess)[1])
+
+    def inprocess():                                # the server idles meanwhile
+        return throughput.rate(runners, [data], decode, best["batch"], best["decode_threads"], seconds / 2)
+
     (proc, url), start = wall(serve_bench.start_server, card, p, work / "server.log")
-    base, phases = [serve_bench.in_process(model, p, data, seconds / 2)], []   # the server idles meanwhile
+    base, phases = [inprocess()], []
     try:
         for r in range(repeats):
             for c in LEVELS:
                 phases.append(phase(url, data, c, seconds))
-                base.append(serve_bench.in_process(model, p, data, seconds / 2))
-                for k in ("ort32", "e2e32"):
-                    phases[-1][f"inprocess_{k}"] = (base[-2][k] + base[-1][k]) / 2
-                print(f"bench: serving repeat {r + 1}/{repeats}, concurrency {c}: {phases[-1]['img_s']:.1f} img/s")
+                base.append(inprocess())
+                phases[-1]["inprocess"] = (base[-2] + base[-1]) / 2
+                print(f"bench: serving repeat {r + 1}/{repeats}, concurrency {c}: {phases[-1]['img_s']:.1f} img/s "
+                      f"({phases[-1]['img_s'] / phases[-1]['inprocess']:.2f}x the in-process limit)")
     finally:
         proc.terminate()
         proc.wait(30)
@@ -53,10 +69,8 @@ def run(onnx_path, variant, work, seconds, repeats):
         ph = [x for x in phases if x["concurrency"] == c]
         levels[str(c)] = {**{k: spread([x[k] for x in ph], 2) for k in ("img_s", "p50_ms", "p99_ms", "mean_batch")},
                           "errors": sum(x["errors"] for x in ph), "requests": sum(x["requests"] for x in ph),
-                          "vs_inprocess": pairwise([x["img_s"] for x in ph], [x["inprocess_ort32"] for x in ph]),
-                          "vs_e2e32": pairwise([x["img_s"] for x in ph], [x["inprocess_e2e32"] for x in ph])}
+                          "vs_limit": pairwise([x["img_s"] for x in ph], [x["inprocess"] for x in ph])}
     return {"model": variant, "image": source, "image_bytes": len(data), "seconds": seconds, "repeats": repeats,
             "params": {k: v for k, v in dataclasses.asdict(p).items()
-                       if k in ("max_batch_size", "max_wait_ms", "threads", "decode_threads")},
-            "server_start_s": round(start, 1), "levels": levels,
-            "inprocess": {k: spread([b[k] for b in base], 2) for k in ("ort32", "e2e32", "e2e1", "prep")}}
+                       if k in ("max_batch_size", "max_wait_ms", "threads", "lanes", "decode_threads")},
+            "server_start_s": round(start, 1), "levels": levels, "limit": limit, "inprocess": spread(base, 2)}

@@ -69,7 +69,7 @@ class Service:
     def __init__(self, model, p):
         self.model, self.p = model, p
         self.metrics = Metrics(model)
-        self.batcher = Batcher(model.infer, p.max_batch_size, p.max_wait_ms, self.metrics.on_batch)
+        self.batcher = Batcher(model.runners, p.max_batch_size, p.max_wait_ms, self.metrics.on_batch)
         self.decoder = Decoder(model.transform, p)
         self.api_key = read_api_key()
         self.k = min(p.top_k, len(model.classes))
@@ -163,9 +163,12 @@ class Service:
 
 def create_app(card_path, p):
     """The service for the model `card_path` names; UserError, before any port opens, if it does not check out."""
-    model = Model(card_path, p.threads)
+    model = Model(card_path, p.threads, p.lanes)
     if model.cpu_warning:
         print(model.cpu_warning, file=sys.stderr, flush=True)
+    p = model.resolve(p)
+    print(f"batching: up to {p.max_batch_size} images per call, {p.lanes} lane(s) x {p.threads} ONNX Runtime "
+          f"thread(s), {p.decode_threads} decode thread(s): {model.policy_source}", file=sys.stderr, flush=True)
     model.warm(p.max_batch_size)
     s = Service(model, p)
     routes = [Route("/predict", s.predict, methods=["POST"]), Route("/healthz", s.healthz),

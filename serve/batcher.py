@@ -1,8 +1,10 @@
 """Dynamic micro-batching: images from concurrent requests share one ONNX Runtime call.
 
 An image waits at most `max_wait_ms` after it arrives for others to fill a batch of `max_batch_size`; images
-that queued while the previous batch ran go at once. One batch runs at a time on one thread, so ONNX Runtime's
-intra-op thread budget is the whole inference budget.
+that queued while every lane was busy go at once. Each lane (one `infer` callable, an ONNX Runtime runner of its
+own) runs one batch at a time on a thread of its own; lanes x intra-op threads is the inference budget, split as
+`stages.throughput` measured fastest (on two cores, two single-threaded lanes at batch 1 beat one two-threaded
+lane at any batch).
 """
 import asyncio
 import collections
@@ -13,13 +15,14 @@ import numpy as np
 
 
 class Batcher:
-    def __init__(self, infer, max_batch_size, max_wait_ms, on_batch=None):
-        """`infer`: (n, ...) float32 array -> (n, ...) array; `on_batch(size, seconds)` after each call."""
-        self.infer, self.max_batch_size, self.max_wait = infer, max_batch_size, max_wait_ms / 1000
+    def __init__(self, lanes, max_batch_size, max_wait_ms, on_batch=None):
+        """`lanes`: callables, (n, ...) float32 array -> (n, ...) array, one batch at a time each;
+        `on_batch(size, seconds)` after each call."""
+        self.lanes, self.max_batch_size, self.max_wait = list(lanes), max_batch_size, max_wait_ms / 1000
         self.on_batch = on_batch or (lambda size, seconds: None)
         self.pending = collections.deque()        # (arrival time, array, future), oldest first
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="infer")
-        self.task, self.stopping = None, False
+        self.pool = concurrent.futures.ThreadPoolExecutor(len(self.lanes), thread_name_prefix="infer")
+        self.task, self.stopping, self.inflight = None, False, set()
 
     @property
     def running(self):
@@ -31,7 +34,9 @@ class Batcher:
         return self.task is not None and self.task.done() and not self.stopping
 
     async def start(self):
-        self.wakeup = asyncio.Event()
+        self.wakeup, self.idle = asyncio.Event(), asyncio.Queue()
+        for lane in self.lanes:
+            self.idle.put_nowait(lane)
         self.task = asyncio.create_task(self._run(), name="batcher")
 
     async def stop(self):
@@ -57,14 +62,21 @@ class Batcher:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
+            lane = await self.idle.get()            # images queue meanwhile: they go together
             await self._fill()
             batch = []
             while self.pending and len(batch) < self.max_batch_size:
                 item = self.pending.popleft()
                 if not item[2].done():              # a request that was cancelled is not computed for
                     batch.append(item)
-            if batch:
-                await self._infer(batch)
+            if not batch:
+                self.idle.put_nowait(lane)
+                continue
+            task = asyncio.create_task(self._infer(lane, batch))
+            self.inflight.add(task)
+            task.add_done_callback(self.inflight.discard)
+        if self.inflight:
+            await asyncio.wait(self.inflight)
 
     async def _fill(self):
         """Return once a full batch is queued or the oldest image has waited `max_wait`."""
@@ -79,16 +91,18 @@ class Batcher:
             except TimeoutError:
                 return
 
-    async def _infer(self, batch):
+    async def _infer(self, lane, batch):
         start = time.perf_counter()
         try:
             x = np.stack([x for _, x, _ in batch])
-            out = await asyncio.get_running_loop().run_in_executor(self.pool, self.infer, x)
+            out = await asyncio.get_running_loop().run_in_executor(self.pool, lane, x)
         except Exception as e:                      # every request in the batch learns of it; the loop goes on
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(e)
             return
+        finally:
+            self.idle.put_nowait(lane)
         self.on_batch(len(batch), time.perf_counter() - start)
         for row, (_, _, future) in zip(out, batch):
             if not future.done():

@@ -3,8 +3,9 @@ that has gone.
 
 Every image's header is read before any is decoded, so a request over `max_request_pixels` costs no decoding.
 At most `max_decode_queue` images wait or decode at once; a request that would pass it gets 503 at once rather
-than a place in a queue it cannot leave. Images up to `fast_lane_pixels` decode on a thread of their own, so a
-photo never waits behind a request of 6300x6300 16-bit PNGs. Cancelling `run` (the client went away) drops the
+than a place in a queue it cannot leave. Images up to `fast_lane_pixels` decode on `decode_threads` threads of
+their own (the fast lane; headers are read there too), so a photo never waits behind a request of 6300x6300 16-bit
+PNGs, which decode on as many others. Cancelling `run` (the client went away) drops the
 images not yet started; one already decoding runs to its end, at most one image per lane.
 """
 import asyncio
@@ -34,7 +35,7 @@ class Decoder:
     def __init__(self, transform, p):
         self.transform, self.p = transform, p
         self.big = concurrent.futures.ThreadPoolExecutor(p.decode_threads, thread_name_prefix="decode")
-        self.fast = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode-fast")
+        self.fast = concurrent.futures.ThreadPoolExecutor(p.decode_threads, thread_name_prefix="decode-fast")
         self.queued = 0                 # images admitted and not yet done, over all requests
 
     async def run(self, images):

@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages import machine, presets, runtime, trust
+from stages import machine, presets, runtime, throughput, trust
 from stages.card import read_card
 from stages.config import UserError
 
@@ -23,17 +23,21 @@ FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 class Params:
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_size: int = 32          # images per ONNX Runtime call
+    max_batch_size: int = 0           # images per ONNX Runtime call at most; 0: from the card (see `policy`)
     max_wait_ms: float = 5.0          # longest an image waits for others to fill its batch
-    threads: int = 2                  # ONNX Runtime intra-op threads
-    decode_threads: int = 2           # threads decoding and preprocessing images
+    threads: int = 0                  # ONNX Runtime intra-op threads per lane; 0: from the card
+    lanes: int = 0                    # ONNX Runtime calls at once, each on a runner of its own; 0: from the card
+    decode_threads: int = 0           # decode threads in each of the two pools (photos, big images); 0: a third
+                                      # of the cores (the folder predictor, which does not overlap them: all)
+                                      # decode is ~a quarter of an image's CPU (4.3 of 17.7 ms, Lite0 at 256 px);
+                                      # on 2 cores a second photo decode thread cost the server 12 % of its rate
     top_k: int = 3
     max_body_bytes: int = 10_000_000  # per request
     max_images: int = 16              # per request
     max_pixels: int = 40_000_000      # per image, read from its header before decoding (~120 MB as RGB)
     max_request_pixels: int = 80_000_000  # per request, summed over its images' headers before any is decoded
     max_decode_queue: int = 64        # images queued or decoding; a request that would pass it gets 503
-    fast_lane_pixels: int = 4_000_000  # images up to this size decode on a thread of their own: never behind bombs
+    fast_lane_pixels: int = 4_000_000  # images up to this size decode on threads of their own: never behind bombs
     max_connections: int = 64         # /predict requests in progress (nginx limit_conn); beyond it, 503
     max_sockets: int = 1024           # open client sockets (nginx worker_connections), idle ones included
     header_timeout_s: float = 5.0     # to receive the request line and headers; also ends silent sockets
@@ -46,7 +50,10 @@ class Params:
     batch_part_rows: int = 1000       # results per part file: what a crash can cost at most
 
     def __post_init__(self):
-        for name in ("max_batch_size", "threads", "decode_threads", "top_k", "max_body_bytes", "max_images",
+        for name in ("max_batch_size", "threads", "lanes", "decode_threads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (from the card) or a positive integer, not {getattr(self, name)!r}")
+        for name in ("top_k", "max_body_bytes", "max_images",
                      "max_pixels", "max_request_pixels", "max_decode_queue", "fast_lane_pixels",
                      "max_connections", "max_sockets", "max_header_bytes", "batch_size", "batch_threads",
                      "batch_part_rows"):
@@ -70,17 +77,38 @@ class InputError(Exception):
         self.status, self.kind, self.detail = status, kind, detail
 
 
-class Model:
-    """A card's model: ONNX Runtime sessions (batch 1 and dynamic), class names, preprocessing and the trust
-    settings (temperature, abstention and out-of-distribution thresholds) from the ONNX metadata."""
+def policy(card, lanes=0, cores=None):
+    """({"max_batch_size", "lanes", "threads"}, where they came from): the fastest setting (with `lanes` lanes,
+    if not 0) the deploy stage measured for the card's model (`stages.throughput`, card "serving"), if it
+    measured on this CPU with this many cores; otherwise one lane on every core at batch 8 (a middle ground:
+    the sweep has not been run here)."""
+    cores, m = cores or throughput.cores(), card.get("serving") or {}
+    built = card.get("built_on")
+    best = max((s for s in m.get("settings", []) if lanes in (0, s["lanes"])), key=lambda s: s["img_s"], default=None)
+    if best and m.get("cores") == cores and built and not machine.differences(built):
+        return ({"max_batch_size": best["batch"], "lanes": best["lanes"], "threads": best["threads"]},
+                f"the deploy stage's measurement on this CPU ({best['img_s']} img/s in process)")
+    why = "the card has no serving measurement" if not best else \
+        f"the card's serving measurement is of {machine.describe(built)} with {m.get('cores')} usable cores"
+    return {"max_batch_size": 8, "lanes": 1, "threads": cores}, f"defaults: {why}"
 
-    def __init__(self, card_path, threads):
+
+class Model:
+    """A card's model: ONNX Runtime runners (a batch-1 and a dynamic session each; one per lane), class names,
+    preprocessing and the trust settings (temperature, abstention and out-of-distribution thresholds) from the
+    ONNX metadata. `threads` or `lanes` 0: the card's `policy`."""
+
+    def __init__(self, card_path, threads, lanes=1):
         self.card = read_card(card_path)
+        self.policy, self.policy_source = policy(self.card, lanes)
+        self.threads, lanes = threads or self.policy["threads"], lanes or self.policy["lanes"]
         try:                                    # a file cut short still has the card's SHA if the card was made from it
-            self.infer = runtime.Runner(self.card["model"], threads, spinning=False)   # decoders share the cores
+            self.runners = [runtime.Runner(self.card["model"], self.threads, spinning=False)   # decoders share
+                            for _ in range(lanes)]                                             # the cores
         except Exception as e:                  # ONNX Runtime's own types (InvalidProtobuf, Fail, ...)
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise UserError(f"{self.card['model']} is not a model ONNX Runtime can load: {reason[:300]}") from None
+        self.infer = self.runners[0]
         self.sess = self.infer.sess
         try:
             self.classes, self.pp = runtime.metadata(self.sess)
@@ -95,14 +123,21 @@ class Model:
                             "INT8 against FP32 may rank otherwise here; re-run `dvc repro -f deploy` on this machine "
                             "to check") if diff else None
 
+    def resolve(self, p):
+        """Params `p` with its 0s (from the card) filled in as this model runs them."""
+        return dataclasses.replace(p, max_batch_size=p.max_batch_size or self.policy["max_batch_size"],
+                                   threads=self.threads, lanes=len(self.runners),
+                                   decode_threads=p.decode_threads or max(1, throughput.cores() // 3))
+
     def warm(self, batch):
-        """Run a batch of one and one of `batch` zero images: ONNX Runtime grows its memory arena to the largest
-        shape it has seen, so a server warmed at its largest batch reaches its steady memory at start-up (and its
-        first real requests pay no allocation) instead of growing under the first burst."""
+        """Run a batch of one and one of `batch` zero images on every runner: ONNX Runtime grows its memory
+        arena to the largest shape it has seen, so a server warmed at its largest batch reaches its steady memory
+        at start-up (and its first real requests pay no allocation) instead of growing under the first burst."""
         x = np.zeros((batch, 3, self.pp.input_size, self.pp.input_size), np.float32)
-        self.infer(x[:1])
-        if batch > 1:
-            self.infer(x)
+        for run in self.runners:
+            run(x[:1])
+            if batch > 1:
+                run(x)
 
     def probabilities(self, logits):
         """(n, classes) logits -> calibrated probabilities (softmax at the model's temperature), float64: the

@@ -11,6 +11,7 @@ resumable); this stays for a quick look on one machine and as benchmarks/batch_b
 import argparse
 import concurrent.futures
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from serve.model import InputError, Model, Params, preprocess, top_k
+from stages import throughput
 from stages.config import UserError, atomic_write, cli, load_section
 
 FIELDS = ["path", "top1", "probability", "top_k", "abstained", "reason", "error"]
@@ -67,7 +69,9 @@ def run(card, images, out, p):
     files = sorted(f for f in images.rglob("*") if f.is_file())
     if not files:
         raise UserError(f"{images} holds no files")
-    rows = predict(Model(card, p.threads), files, p, desc="predict_folder")
+    model = Model(card, p.threads)                  # one lane: this loop runs one batch at a time, and decodes
+    p = dataclasses.replace(p, decode_threads=p.decode_threads or throughput.cores())   # between them: all cores
+    rows = predict(model, files, model.resolve(p), desc="predict_folder")
     for r in rows:
         r["path"] = r["path"].relative_to(images).as_posix()
 

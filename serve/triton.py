@@ -20,6 +20,9 @@ from serve.model import Params
 from stages import runtime, trust
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section, sha256
 
+# serve.max_batch_size 0 (the HTTP service's measured best, a fact of the machine it runs on) leaves Triton's
+# dynamic batcher this cap and its preferred sizes to choose from; intra_op_thread_count 0 is ORT's default
+MAX_BATCH = 32
 TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64",
          "tensor(int8)": "TYPE_INT8", "tensor(uint8)": "TYPE_UINT8", "tensor(int32)": "TYPE_INT32",
          "tensor(int64)": "TYPE_INT64"}
@@ -96,9 +99,9 @@ def main():
     ap.add_argument("--model-name", default="classifier")
     args = ap.parse_args()
     p = load_section(Params, "serve")              # the service's batching settings, one source of truth
-    run(args.onnx, args.out, p.max_batch_size, round(p.max_wait_ms * 1000), threads=p.threads,
-        model_name=args.model_name)
-    print(f"triton: model repository in {args.out}/{args.model_name} (max_batch_size {p.max_batch_size})")
+    batch = p.max_batch_size or MAX_BATCH
+    run(args.onnx, args.out, batch, round(p.max_wait_ms * 1000), threads=p.threads, model_name=args.model_name)
+    print(f"triton: model repository in {args.out}/{args.model_name} (max_batch_size {batch})")
 
 
 if __name__ == "__main__":

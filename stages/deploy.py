@@ -7,7 +7,8 @@ file), its static INT8, the pruned checkpoint as ONNX FP32, and that one's INT8.
 in turn to find the layers that break it, and the `exclude_worst` worst stay FP32 in one last try.
 
 Timing (stages/timing.py): every variant in a process of its own, at `threads` threads, in rotated rounds;
-`latency_ms_p50`, a single-image service's case, decides.
+`latency_ms_p50`, a single-image service's case, decides. The chosen file's serving limit over batch sizes and
+core splits (stages/throughput.py, on val's photos) goes into the card as "serving": the server's defaults.
 """
 import argparse
 import csv
@@ -26,7 +27,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from stages import machine, presets, probe, quantize, runtime, timing, trust  # noqa: E402
+from stages import machine, presets, probe, quantize, runtime, throughput, timing, trust  # noqa: E402
 from stages.card import write_card  # noqa: E402
 from stages.checkpoint import load_checkpoint, load_model  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section, typed  # noqa: E402
@@ -39,7 +40,7 @@ from stages.train import Params as TrainParams, probe_features  # noqa: E402
 BASELINE, FALLBACK = "pytorch_fp32", "onnx_fp32"
 # card facts kept out of the ONNX file's metadata: they change from run to run (timings, the git revision) or
 # come after it (its hash), and the same inputs and choice must give the same model bytes
-MEASURED = ("sha256", "git_rev", "reason", "metrics", "built_on")
+MEASURED = ("sha256", "git_rev", "reason", "metrics", "built_on", "serving")
 SOURCES = {"onnx_int8": "onnx_fp32", "pruned_int8": "pruned_fp32"}   # INT8 variant -> the FP32 it quantizes
 
 
@@ -65,20 +66,16 @@ class Params:
     diagnose: bool = True              # INT8 under the agreement budget: name the module scopes to blame
     seed: int = 0
     trust: dict = dataclasses.field(default_factory=dict)   # stages.trust.Targets' fields
+    serving: dict = dataclasses.field(default_factory=dict)  # stages.throughput.Sweep's fields
 
     def __post_init__(self):
-        if not isinstance(self.budget, Budget):
-            try:
-                object.__setattr__(self, "budget",
-                                   Budget(**typed(Budget, self.budget, "deploy.budget")))
-            except TypeError as e:
-                raise UserError(f"deploy.budget: {e}") from None
+        for name, cls in (("budget", Budget), ("trust", trust.Targets), ("serving", throughput.Sweep)):
+            if not isinstance(getattr(self, name), cls):
+                try:
+                    object.__setattr__(self, name, cls(**typed(cls, getattr(self, name), f"deploy.{name}")))
+                except (TypeError, ValueError) as e:
+                    raise UserError(f"deploy.{name}: {e}") from None
         object.__setattr__(self, "tries", tuple(self.tries) or ({},))
-        if not isinstance(self.trust, trust.Targets):
-            try:
-                object.__setattr__(self, "trust", trust.Targets(**typed(trust.Targets, self.trust, "deploy.trust")))
-            except (TypeError, ValueError) as e:
-                raise UserError(f"deploy.trust: {e}") from None
         for t in self.tries:
             quantize.settings(self.int8, t)    # a misspelt key or value fails before any work
 
@@ -140,8 +137,8 @@ def variants(checkpoint, onnx_path, pruned, work, cal_rows, cal_x, hold, p):
     """{name: file} of every variant, and {INT8 name: its quantize.search record}."""
     files, int8 = {BASELINE: Path(checkpoint), FALLBACK: Path(onnx_path)}, {}
     if pruned:
-        model, classes, pp = load_model(pruned)
         ckpt = load_checkpoint(pruned)
+        model, classes, pp = load_model(ckpt)
         files["pruned_fp32"] = work / "pruned_fp32.onnx"
         to_onnx(model, classes, pp, files["pruned_fp32"],
                 {"backbone": ckpt["backbone"], "params": json.dumps(ckpt["params"])})
@@ -189,12 +186,12 @@ def heldout_logits(model, ckpt, chosen, chosen_file, hold, rows, classes, p):
 
 def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
     """Build, score, time, choose; write model.onnx, card.json, variants.json/.csv, tradeoff.png, report.json."""
-    model, classes, pp = load_model(checkpoint)
     ckpt = load_checkpoint(checkpoint)
-    (val, _), (hold_rows, _), (train, _) = (read_manifest(manifest, {s}) for s in ("val", "holdout", "train"))
-    if not val or not hold_rows or not train:
+    model, classes, pp = load_model(ckpt)
+    (val_rows, _), (hold_rows, _), (train, _) = (read_manifest(manifest, {s}) for s in ("val", "holdout", "train"))
+    if not val_rows or not hold_rows or not train:
         raise UserError(f"{manifest}: deploy needs images in the train, holdout and val splits")
-    n_val, val, hold = len(val), tensors(val, classes, pp, p.batch_size), tensors(hold_rows, classes, pp, p.batch_size)
+    val, hold = tensors(val_rows, classes, pp, p.batch_size), tensors(hold_rows, classes, pp, p.batch_size)
     n_cal = max(quantize.settings(p.int8, t).calibration_size for t in p.tries)
     cal_rows = quantize.calibration_rows(train, n_cal, p.seed)
     cal_x = torch.cat([x for x, _ in tensors(cal_rows, classes, pp, p.batch_size)]).numpy()
@@ -202,6 +199,7 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
         files, int8 = variants(checkpoint, onnx_path, pruned, Path(work), cal_rows, cal_x, hold, p)
         table, logits = measure(model, classes, files, val, p)
         chosen, reasons = select(table, p.budget)
+        serving = throughput.measure(files[chosen], [r["path"] for r in val_rows], p.serving)
         fitted, fit = trust.fit(*(t.numpy() for t in heldout_logits(model, ckpt, chosen, files[chosen], hold,
                                                                     train + hold_rows, classes, p)), p.trust)
         for n, v in table.items():
@@ -217,14 +215,14 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
                 "quantization": int8.get(chosen, {}).get("settings"), "git_rev": git_rev(),
                 "params": {"train": ckpt["params"], "deploy": dataclasses.asdict(p), "prune": (
                     load_checkpoint(pruned)["pruning"]["params"] if "pruned" in chosen else None)},
-                "onnxruntime": ort.__version__, "built_on": machine.cpu(),
+                "onnxruntime": ort.__version__, "built_on": machine.cpu(), "serving": serving,
                 "trust": {**dataclasses.asdict(fitted), "fit": fit},
                 "metrics": {**{k: table[chosen][k] for k in ("accuracy", "agreement", "latency_ms_p50",
                                                              "throughput_b1", "speedup_b1", "speedup_fp32_q1")},
                             "speedup_margin": None if chosen == FALLBACK else   # how far clear of the rule
                             round(table[chosen]["speedup_fp32_q1"] - p.budget.min_speedup, 3)}}
         report = {"chosen": chosen, "reasons": reasons, "budget": dataclasses.asdict(p.budget),
-                  "val_images": n_val, "threads": p.threads, "int8": int8,
+                  "val_images": len(val_rows), "threads": p.threads, "int8": int8,
                   "calibration_images": [r["sha256"] for r in cal_rows]}
         card, report = json.loads(json.dumps(card)), json.loads(json.dumps(report))   # tuples as JSON lists
         write(out_dir, files[chosen], card, table, reasons, report)
@@ -291,6 +289,9 @@ def main():
               f"{v['latency_ms_p50']:8.2f} ms ({v['speedup_b1']:.2f}x; after a batch "
               f"{v['latency_ms_p50_after_batch']:.2f} ms) {v['size_mb']:7.2f} MB")
     print(f"deploy: {card['variant']}: {card['reason']}")
+    best = card["serving"]["best"]
+    print(f"deploy: serving limit {best['img_s']} img/s in process (decode included) at batch {best['batch']}, "
+          f"{best['lanes']} lane(s) x {best['threads']} thread(s): the server's defaults on this CPU")
 
 
 if __name__ == "__main__":

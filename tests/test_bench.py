@@ -80,3 +80,16 @@ def test_results_md_carries_the_datasets_table_when_there_is_one(bench, tmp_path
     text = (out / "RESULTS.md").read_text()
     section = text.split("## 6. Across data sets")[1]
     assert "| data set | x |" in section and section.index("| data set") < section.index("## Machine")
+
+
+def test_stability_report_names_every_runs_choice_and_margin_and_its_verdict():
+    from benchmarks import stability
+    from stages import deploy
+    p = deploy.Params(budget={"min_speedup": 1.1})
+    same = [("onnx_fp32", {"onnx_fp32": 1.0, "onnx_int8": q}, {"onnx_fp32": "chosen: fallback"}, 60.0)
+            for q in (1.02, 1.05, 0.98)]
+    text, stable = stability.report(same, p)
+    assert stable and "verdict: STABLE" in text and "1.05x (-0.05)" in text and text.count("| onnx_fp32 |") == 3
+    flipped = same[:2] + [("onnx_int8", {"onnx_fp32": 1.0, "onnx_int8": 1.12}, {"onnx_int8": "chosen"}, 61.0)]
+    text, stable = stability.report(flipped, p)
+    assert not stable and "UNSTABLE: the runs shipped onnx_fp32, onnx_int8" in text and "1.12x (+0.02)" in text

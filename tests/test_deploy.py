@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from stages import deploy, export, machine, presets, prune, quantize, runtime, trust
+from stages import deploy, export, machine, presets, prune, quantize, runtime, throughput, trust
 from stages.config import UserError
 from stages.manifest import read_manifest
 from stages.train import loader
@@ -80,7 +80,8 @@ def test_bad_int8_settings_fail_with_the_fix(layers, match):
 
 
 FAST = dict(rounds=1, repeats=3, batch_repeats=1, warmup=1, batch_size=8, int8={"calibration_size": 8},
-            tries=({}, {"calibrate_method": "Percentile", "per_channel": False}), exclude_worst=2)
+            tries=({}, {"calibrate_method": "Percentile", "per_channel": False}), exclude_worst=2,
+            serving={"seconds": 0.1, "rounds": 1, "batches": [1, 4]})
 
 
 def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest, checkpoint):
@@ -99,7 +100,12 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     assert meta["variant"] == "onnx_fp32" and json.loads(meta["classes"]) == card["classes"] == ["blue", "red"]
     assert json.loads(meta["params"])["deploy"]["budget"]["min_speedup"] == 1000.0 and meta["opset"] == "17"
     assert runtime.metadata(runtime.session(out / "model.onnx"))[0] == ["blue", "red"]   # what the server reads
-    assert not {"git_rev", "metrics", "reason", "sha256", "built_on"} & set(meta)   # run and host facts: card only
+    assert not {"git_rev", "metrics", "reason", "sha256", "built_on", "serving"} & set(meta)   # run, host: card only
+    serving = card["serving"]                                # the server's defaults, measured on the chosen file
+    assert serving["cores"] == throughput.cores() and serving["images"] == len(read_manifest(manifest, {"val"})[0])
+    assert [(s["batch"], s["lanes"] * s["threads"]) for s in serving["settings"]] == \
+        [(b, serving["cores"]) for b in (1, 4) for _ in throughput.splits(serving["cores"])]
+    assert serving["best"] == max(serving["settings"], key=lambda s: s["img_s"]) and serving["best"]["img_s"] > 0
     assert card["built_on"] == machine.cpu() and card["built_on"]["cores"] >= 1
     fitted = trust.Trust.from_metadata(runtime.session(out / "model.onnx").get_modelmeta().custom_metadata_map)
     assert json.loads(meta["trust"]) == card["trust"] and fitted.temperature == card["trust"]["temperature"] > 0

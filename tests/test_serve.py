@@ -365,7 +365,7 @@ def test_batcher_groups_concurrent_requests_and_survives_a_failed_call():
         return x * 2
 
     async def scenario():
-        b = Batcher(infer, max_batch_size=4, max_wait_ms=50)
+        b = Batcher([infer], max_batch_size=4, max_wait_ms=50)
         await b.start()
         out = await asyncio.gather(*(b.submit(np.full(3, i, np.float32)) for i in range(10)))
         assert [o[0] for o in out] == [2 * i for i in range(10)] and calls == [4, 4, 2]
@@ -378,6 +378,48 @@ def test_batcher_groups_concurrent_requests_and_survives_a_failed_call():
         assert (pending.result() == 2).all() and not b.running
 
     asyncio.run(scenario())
+
+
+def test_batcher_lanes_run_batches_at_the_same_time():
+    """Two lanes: two batches are in ONNX Runtime at once (each lane waits for the other inside its call:
+    one lane at a time would break the barrier), and every answer comes from the right row."""
+    both = threading.Barrier(2, timeout=10)
+    lanes = [lambda x, k=k: (both.wait(), x * 10 + k)[1] for k in (1, 2)]
+
+    async def scenario():
+        b = Batcher(lanes, max_batch_size=1, max_wait_ms=0)
+        await b.start()
+        out = await asyncio.gather(*(b.submit(np.full(3, i, np.float32)) for i in range(6)))
+        await b.stop()
+        return out
+
+    out = asyncio.run(scenario())
+    assert [int(o[0]) // 10 for o in out] == list(range(6)) and {int(o[0]) % 10 for o in out} == {1, 2}
+
+
+def test_batching_defaults_come_from_the_cards_serving_measurement_on_this_cpu(card, tmp_path):
+    """serve params 0 take the fastest setting the deploy stage measured, if it measured this CPU; the sweep
+    itself runs for real on the test model (two tiny settings)."""
+    from serve.model import Model
+    from stages import machine, throughput
+    model = json.loads(card.read_text())["model"]
+    photos = [encode(COLORS["red"], (48, 40), "JPEG", seed=i) for i in range(3)]
+    measured = throughput.sweep(model, photos, throughput.Sweep(seconds=0.05, rounds=1, batches=(1, 2)), n=2)
+    assert [(s["batch"], s["lanes"], s["threads"]) for s in measured["settings"]] == \
+        [(1, 1, 2), (1, 2, 1), (2, 1, 2), (2, 2, 1)] and all(s["img_s"] > 0 for s in measured["settings"])
+    fast = {"batch": 1, "lanes": 2, "threads": 1, "decode_threads": 2, "img_s": 99.0}
+    serving = {"cores": throughput.cores(), "settings": [fast, {**fast, "lanes": 1, "threads": 2, "img_s": 50.0}]}
+    here = write_card(tmp_path / "here.json", model, built_on=machine.cpu(), serving=serving)
+    m = Model(here, 0, 0)
+    p = m.resolve(Params())
+    assert (p.max_batch_size, p.lanes, p.threads, len(m.runners)) == (1, 2, 1, 2) and "measurement" in m.policy_source
+    assert len(serve_app.create_app(here, Params()).state.batcher.lanes) == 2
+    assert Model(here, 0).resolve(Params()).threads == 2           # one lane (predict_folder): the best of those
+    assert Model(here, 3, 0).resolve(Params(max_batch_size=4)).max_batch_size == 4   # set values win
+    other = write_card(tmp_path / "other.json", model, built_on={**machine.cpu(), "model": "Other CPU"},
+                       serving=serving)
+    p = Model(other, 0, 0).resolve(Params())
+    assert (p.max_batch_size, p.lanes, p.threads) == (8, 1, throughput.cores())    # not measured here: defaults
 
 
 def test_predict_folder_writes_every_file_and_matches_offline(card, tmp_path):
