@@ -65,5 +65,6 @@ bench: $(STAMP)
 	python -m benchmarks.scale_train | tee benchmarks/SCALE_TRAIN.md
 	python -m benchmarks.batch_bench | tee benchmarks/BATCH.md
 	python -m benchmarks.label_bench | tee benchmarks/LABELS.md
+	python -m benchmarks.serve_bench | tee benchmarks/SERVING.md
 	python -m benchmarks.stability | tee benchmarks/STABILITY.md
 	python -m benchmarks.gpu_check | tee benchmarks/GPU.md
