@@ -6,6 +6,7 @@ Prints a table and a verdict; exit status 1 when the runs did not all ship the s
 Run from the project root after `make run`: python -m benchmarks.stability [--runs 5]
 """
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -22,8 +23,8 @@ def runs(n, p):
     a, out = stage_args(), []
     for i in range(n):
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="stability-") as tmp:
-            card, table, report = deploy.run(a.checkpoint, a.onnx, a.pruned, a.manifest, tmp, p)
+        with tempfile.TemporaryDirectory(prefix="stability-") as tmp, contextlib.redirect_stdout(sys.stderr):
+            card, table, report = deploy.run(a.checkpoint, a.onnx, a.pruned, a.manifest, tmp, p)   # its log
         out.append((card["variant"], {k: v["speedup_fp32_q1"] for k, v in table.items() if k != deploy.BASELINE},
                     report["reasons"], time.perf_counter() - start))
         print(f"stability: run {i + 1}/{n}: {card['variant']} ({card['reason']}) in {out[-1][3]:.0f} s",
