@@ -56,6 +56,11 @@ NGINX_ERRORS = {400: ("bad_request", "the request is not valid HTTP/1.1"),
                 500: ("internal", "internal error"),
                 503: ("busy", "{max_connections} requests to /predict are in progress; retry shortly")}
 CLOSE_AFTER = (401, 408, 413)          # the body may be unread: never reuse the connection it came on
+# nginx streams a body to the app as it arrives (proxy_request_buffering off). An app that answers 401 and closes
+# while nginx is still writing that body makes nginx's write fail, and the client gets nginx's 502 instead (the API
+# key test saw it about 1 run in 3). The app reads what is on its way for this long first: a normal request's body
+# is then consumed before the close; a body that dribbles or is huge still gets its 401 this soon.
+UNAUTHORIZED_GRACE_S = 0.25
 
 
 def error(status, kind, detail):
@@ -95,6 +100,7 @@ class Service:
         # the raw header bytes against the key's UTF-8 bytes: one encoding on both sides
         given = next((v for name, v in request.scope["headers"] if name == b"x-api-key"), b"")
         if self.api_key and not hmac.compare_digest(given, self.api_key):
+            await drain(request, UNAUTHORIZED_GRACE_S)
             raise InputError(401, "unauthorized", "missing or wrong X-API-Key header")
         if not self.batcher.running:
             raise InputError(503, "not_ready", "the model is not serving (starting or stopping)")
@@ -192,6 +198,14 @@ def read_api_key():
         raise UserError(f"{API_KEY_ENV} is set but empty: set a key, or unset it (or set {NO_KEY_ENV}=1) to "
                         "serve without one")
     return key.encode("utf-8")
+
+
+async def drain(request, seconds):
+    """Read and drop the request body for at most `seconds` (a client that leaves meanwhile ends it too)."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(seconds):
+            async for _ in request.stream():
+                pass
 
 
 async def disconnected(request):
