@@ -7,9 +7,7 @@ and each server figure is divided by the mean of the two runs either side of it 
 this machine's cores).
 """
 import asyncio
-import concurrent.futures
 import dataclasses
-import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +36,7 @@ def run(onnx_path, variant, work, seconds, repeats):
     work.mkdir(parents=True, exist_ok=True)
     data, source = serve_bench.photo()
     sweep = throughput.Sweep(seconds=seconds / 10, rounds=2)
-    with concurrent.futures.ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
-        limit = pool.submit(throughput.sweep, str(onnx_path), [data], sweep).result()   # torch-free, alone
+    limit = throughput.measure(onnx_path, [data], sweep)
     best = limit["best"]
     card = work / "card.json"                       # as the server reads one (the SHA-256 is checked at start)
     write_card(card, {"model": Path(onnx_path).resolve(), "variant": variant, "git_rev": "bench",

@@ -6,7 +6,7 @@ At most `max_decode_queue` images wait or decode at once; a request that would p
 than a place in a queue it cannot leave. Images up to `fast_lane_pixels` decode on `decode_threads` threads of
 their own (the fast lane; headers are read there too), so a photo never waits behind a request of 6300x6300 16-bit
 PNGs, which decode on as many others. Cancelling `run` (the client went away) drops the
-images not yet started; one already decoding runs to its end, at most one image per lane.
+images not yet started; one already decoding runs to its end, at most `decode_threads` images per pool.
 """
 import asyncio
 import concurrent.futures

@@ -199,7 +199,8 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
         files, int8 = variants(checkpoint, onnx_path, pruned, Path(work), cal_rows, cal_x, hold, p)
         table, logits = measure(model, classes, files, val, p)
         chosen, reasons = select(table, p.budget)
-        serving = throughput.measure(files[chosen], [r["path"] for r in val_rows], p.serving)
+        serving = throughput.measure(files[chosen], [Path(r["path"]).read_bytes()
+                                                     for r in val_rows[:p.serving.images]], p.serving)
         fitted, fit = trust.fit(*(t.numpy() for t in heldout_logits(model, ckpt, chosen, files[chosen], hold,
                                                                     train + hold_rows, classes, p)), p.trust)
         for n, v in table.items():

@@ -18,7 +18,6 @@ import threading
 import time
 
 import numpy as np
-from PIL import Image
 
 from stages import presets, runtime
 
@@ -50,12 +49,9 @@ def splits(n):
 
 
 def decoder(pp):
+    """Image bytes -> (3, H, W) float32 network input, as the server preprocesses (`stages.presets`)."""
     transform = presets.eval_transform(pp).array
-
-    def decode(data):
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(transform(presets.to_rgb(im)))
-    return decode
+    return lambda data: np.asarray(transform(presets.load_rgb(io.BytesIO(data))))
 
 
 def rate(runners, images, decode, batch, decode_threads, seconds):
@@ -110,9 +106,8 @@ def sweep(path, images, p, n=None):
             "best": max(rows, key=lambda s: s["img_s"])}
 
 
-def measure(path, files, p):
-    """`sweep` in a fresh spawned process (none of the caller's threads, torch's included, compete) on the
-    bytes of `files`."""
-    images = [open(f, "rb").read() for f in list(files)[:p.images]]
+def measure(path, images, p):
+    """`sweep` of the image bytes `images` in a fresh spawned process: none of the caller's threads (torch's
+    included) compete."""
     with concurrent.futures.ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(sweep, str(path), images, p).result()
+        return pool.submit(sweep, str(path), list(images)[:p.images], p).result()
