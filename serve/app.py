@@ -8,8 +8,8 @@ over the model's temperature) and whether the model abstains:
                       "abstained": false, "reason": null}, ...],
      "model": {"variant": ..., "sha256": ...}}
 
-"abstained" is true, with "reason" "out_of_distribution" (energy score over the model's threshold: probably not
-an image of any class) or "low_confidence" (top probability under the abstention threshold), when the answer
+"abstained" is true, with "reason" "out_of_distribution" (the model's ood_score output, the distance to the
+nearest train images' features, over its threshold: probably not an image of any class) or "low_confidence" (top probability under the abstention threshold), when the answer
 should not be trusted; top_k is given all the same, so clients that ignore the two fields see today's answers.
 The temperature and thresholds come from the ONNX metadata (the deploy stage fits them; see stages/trust.py,
 and GET /metadata's "trust"); a model without them never abstains. Abstentions are counted by reason in
@@ -74,7 +74,7 @@ class Service:
     def __init__(self, model, p):
         self.model, self.p = model, p
         self.metrics = Metrics(model)
-        self.batcher = Batcher(model.runners, p.max_batch_size, p.max_wait_ms, self.metrics.on_batch)
+        self.batcher = Batcher([r.run for r in model.runners], p.max_batch_size, p.max_wait_ms, self.metrics.on_batch)
         self.decoder = Decoder(model.transform, p)
         self.api_key = read_api_key()
         self.k = min(p.top_k, len(model.classes))
@@ -87,9 +87,9 @@ class Service:
         names = [name for name, _ in images]
         arrays = await self.decoder.run(images)
         del images
-        logits = await asyncio.gather(*(self.batcher.submit(x) for x in arrays))
-        self.metrics.images.inc(len(logits))
-        probs, reasons = self.model.decide(np.stack(logits))
+        rows = await asyncio.gather(*(self.batcher.submit(x) for x in arrays))
+        self.metrics.images.inc(len(rows))
+        probs, reasons = self.model.decide([np.stack(out) for out in zip(*rows)])
         for r in filter(None, reasons):
             self.metrics.abstentions.labels(r).inc()
         return JSONResponse({"predictions": [{"filename": n, "top_k": top_k(pr, self.model.classes, self.k),

@@ -110,7 +110,7 @@ class Scorer:
         ok = batch["kind"] == ""
         best = iter([])
         if ok.any():       # the server's path: calibrated probabilities and its abstention rule, once per batch
-            probs, reasons = self.model.decide(self.model.infer(batch["x"][ok]))
+            probs, reasons = self.model.decide(self.model.outputs(batch["x"][ok]))
             best = iter([(top_k(row, self.model.classes, self.k), why) for row, why in zip(probs, reasons)])
         rows = []
         for path, good, kind, error in zip(batch["path"], ok, batch["kind"], batch["error"]):
@@ -124,15 +124,18 @@ class Scorer:
 
 
 def cuda_runner(path):
-    """`infer` on ONNX Runtime's CUDA provider, or None where onnxruntime-gpu is not installed on this worker.
-    stages.runtime makes CPU sessions only; this is the one GPU session (ONNX Runtime's defaults otherwise)."""
+    """`infer` (an object with `run`, as `runtime.Runner`) on ONNX Runtime's CUDA provider, or None where
+    onnxruntime-gpu is not installed on this worker. stages.runtime makes CPU sessions only; this is the one GPU
+    session (ONNX Runtime's defaults otherwise)."""
+    import types
+
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return None
     sess = ort.InferenceSession(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})[0]
+    return types.SimpleNamespace(run=lambda x: sess.run(None, {name: x}))
 
 
 def part_files(folder):

@@ -1,8 +1,8 @@
 """Dynamic micro-batching: images from concurrent requests share one ONNX Runtime call.
 
 An image waits at most `max_wait_ms` after it arrives for others to fill a batch of `max_batch_size`; images
-that queued while every lane was busy go at once. Each lane (one `infer` callable, an ONNX Runtime runner of its
-own) runs one batch at a time on a thread of its own; lanes x intra-op threads is the inference budget, split as
+that queued while every lane was busy go at once. Each lane (one `infer` callable, an ONNX Runtime runner's `run`
+of its own) runs one batch at a time on a thread of its own; lanes x intra-op threads is the inference budget, split as
 `stages.throughput` measured fastest (on two cores, two single-threaded lanes at batch 1 beat one two-threaded
 lane at any batch).
 """
@@ -16,8 +16,9 @@ import numpy as np
 
 class Batcher:
     def __init__(self, lanes, max_batch_size, max_wait_ms, on_batch=None):
-        """`lanes`: callables, (n, ...) float32 array -> (n, ...) array, one batch at a time each;
-        `on_batch(size, seconds)` after each call."""
+        """`lanes`: callables, (n, ...) float32 array -> a list of arrays of n rows (the model's outputs), one
+        batch at a time each; an image's result is the tuple of its rows. `on_batch(size, seconds)` after each
+        call."""
         self.lanes, self.max_batch_size, self.max_wait = list(lanes), max_batch_size, max_wait_ms / 1000
         self.on_batch = on_batch or (lambda size, seconds: None)
         self.pending = collections.deque()        # (arrival time, array, future), oldest first
@@ -104,6 +105,6 @@ class Batcher:
         finally:
             self.idle.put_nowait(lane)
         self.on_batch(len(batch), time.perf_counter() - start)
-        for row, (_, _, future) in zip(out, batch):
+        for row, (_, _, future) in zip(zip(*out), batch):      # per image: its row of every output
             if not future.done():
                 future.set_result(row)

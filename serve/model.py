@@ -116,6 +116,8 @@ class Model:
             raise UserError(f"{self.card['model']} lacks the metadata {e} that stages.export writes") from None
         self.transform = presets.eval_transform(self.pp).array    # numpy out: no torch
         self.trust = trust.Trust.from_metadata(self.sess.get_modelmeta().custom_metadata_map)
+        names = [o.name for o in self.sess.get_outputs()]          # logits first; `ood_score` in a shipped file
+        self.ood_output = names.index(runtime.OOD) if runtime.OOD in names else None
         built = self.card.get("built_on")
         diff = machine.differences(built) if built else []
         self.cpu_warning = (f"warning: the deploy stage chose and timed {self.card['variant']} on "
@@ -144,10 +146,14 @@ class Model:
         one probability path of the server and batch prediction."""
         return trust.probabilities(logits, self.trust.temperature)
 
-    def decide(self, logits):
-        """(probabilities, reasons) for (n, classes) logits: reasons[i] None (answered), "out_of_distribution"
-        or "low_confidence" (see `stages.trust.decide`)."""
-        return trust.decide(logits, self.trust)
+    def outputs(self, x):
+        """(n, 3, H, W) network input -> the file's outputs (logits, and `ood_score` where it has one)."""
+        return self.infer.run(x)
+
+    def decide(self, outputs):
+        """(probabilities, reasons) for the file's outputs on n images (`outputs`): reasons[i] None (answered),
+        "out_of_distribution" or "low_confidence" (see `stages.trust.decide`)."""
+        return trust.decide(outputs[0], self.trust, None if self.ood_output is None else outputs[self.ood_output])
 
     def info(self):
         """What a client may know: no file paths."""

@@ -45,7 +45,7 @@ def predict(model, files, p, desc=None):
             chunk = files[start:start + p.max_batch_size]
             decoded = list(pool.map(decode, chunk))
             ok = [x for x, _ in decoded if x is not None]
-            probs, reasons = model.decide(model.infer(np.stack(ok))) if ok else ([], [])   # the server's answer
+            probs, reasons = model.decide(model.outputs(np.stack(ok))) if ok else ([], [])   # the server's answer
             answers = iter(zip(probs, reasons))
             for f, (x, err) in zip(chunk, decoded):
                 if err is not None:

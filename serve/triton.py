@@ -4,12 +4,13 @@ Writes <out>/<model_name>/config.pbtxt (ONNX Runtime backend, dynamic batching, 
 <out>/<model_name>/1/model.onnx and the class names as labels.txt. Names, types and dims come from the ONNX
 graph. Triton does no preprocessing: clients send what `stages.presets.eval_transform` makes (in `parameters`).
 
-The client contract for trust (the graph is the deploy model's, unchanged: it outputs raw logits). The config's
-`parameters` carry "trust", the JSON the deploy stage fitted (`stages.trust.Trust`): {"temperature": T,
-"abstain_below": a, "ood_energy_above": e}. A client that wants what the HTTP service answers computes, per row
-of `logits` z: probabilities softmax(z / T); energy -T * logsumexp(z / T); "out_of_distribution" if energy > e,
-else "low_confidence" if max probability < a, else answered. `stages.trust.decide` is that arithmetic in
-numpy (no torch) and takes `Trust.from_metadata({"trust": <the parameter's string>})`.
+The client contract for trust (the graph is the deploy model's, unchanged: it outputs raw `logits` and
+`ood_score`, the distance to the k-th nearest train feature, stages/ood.py). The config's `parameters` carry
+"trust", the JSON the deploy stage fitted (`stages.trust.Trust`): {"temperature": T, "abstain_below": a,
+"ood_above": s, ...}. A client that wants what the HTTP service answers computes, per row: probabilities
+softmax(logits / T); "out_of_distribution" if ood_score > s (or is NaN), else "low_confidence" if max probability
+< a, else answered. `stages.trust.decide` is that arithmetic in numpy (no torch) and takes
+`Trust.from_metadata({"trust": <the parameter's string>})`.
 """
 import argparse
 import json

@@ -27,7 +27,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from stages import machine, presets, probe, quantize, runtime, throughput, timing, trust  # noqa: E402
+from stages import machine, ood, presets, probe, quantize, runtime, throughput, timing, trust  # noqa: E402
 from stages.card import write_card  # noqa: E402
 from stages.checkpoint import load_checkpoint, load_model  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section, typed  # noqa: E402
@@ -184,6 +184,34 @@ def heldout_logits(model, ckpt, chosen, chosen_file, hold, rows, classes, p):
     return torch.from_numpy(out), torch.from_numpy(y)
 
 
+def with_ood(chosen_file, train, classes, pp, path, p):
+    """(`path`, bank rows): `chosen_file` with its `ood_score` output (stages/ood.py) written to `path`. The
+    bank: up to `trust.ood_bank` train images (stratified, seeded), their features from the chosen file itself."""
+    rows = quantize.calibration_rows(train, p.trust.ood_bank, p.seed) if len(train) > p.trust.ood_bank else train
+    if len(rows) < p.trust.ood_k:
+        raise UserError(f"deploy.trust.ood_k is {p.trust.ood_k}, but train has only {len(rows)} images")
+    sess = runtime.session(chosen_file, p.threads)
+    if runtime.FEATURES not in [o.name for o in sess.get_outputs()]:
+        raise UserError(f"{chosen_file} has no {runtime.FEATURES!r} output: re-run the export stage "
+                        "(`dvc repro export`), which adds it")
+    bank = np.concatenate([sess.run([runtime.FEATURES], {runtime.INPUT: x.numpy()})[0]
+                           for x, _ in tensors(rows, classes, pp, p.batch_size)])
+    onnx.save(ood.with_knn(onnx.load(str(chosen_file)), bank, p.trust.ood_k), str(path))
+    return path, len(bank)
+
+
+def trusted(model, ckpt, chosen, chosen_file, train, hold_rows, hold, path, p):
+    """(`path`, Trust, fit report): the chosen file with its OOD output, and the trust settings fitted on
+    holdout (its logits as `heldout_logits` picks them; its OOD scores through the new file)."""
+    classes, pp = ckpt["classes"], presets.Preprocessing.from_json(ckpt["preprocessing"])
+    path, bank_images = with_ood(chosen_file, train, classes, pp, path, p)
+    sess = runtime.session(path, p.threads)
+    scores = np.concatenate([sess.run([runtime.OOD], {runtime.INPUT: x.numpy()})[0] for x, _ in hold])
+    logits, labels = heldout_logits(model, ckpt, chosen, chosen_file, hold, train + hold_rows, classes, p)
+    fitted, fit = trust.fit(logits.numpy(), labels.numpy(), p.trust, scores)
+    return path, fitted, {**fit, "ood_bank_images": bank_images}
+
+
 def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
     """Build, score, time, choose; write model.onnx, card.json, variants.json/.csv, tradeoff.png, report.json."""
     ckpt = load_checkpoint(checkpoint)
@@ -199,10 +227,10 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
         files, int8 = variants(checkpoint, onnx_path, pruned, Path(work), cal_rows, cal_x, hold, p)
         table, logits = measure(model, classes, files, val, p)
         chosen, reasons = select(table, p.budget)
-        serving = throughput.measure(files[chosen], [Path(r["path"]).read_bytes()
-                                                     for r in val_rows[:p.serving.images]], p.serving)
-        fitted, fit = trust.fit(*(t.numpy() for t in heldout_logits(model, ckpt, chosen, files[chosen], hold,
-                                                                    train + hold_rows, classes, p)), p.trust)
+        shipped, fitted, fit = trusted(model, ckpt, chosen, files[chosen], train, hold_rows, hold,
+                                       Path(work) / "shipped.onnx", p)
+        serving = throughput.measure(shipped, [Path(r["path"]).read_bytes()
+                                               for r in val_rows[:p.serving.images]], p.serving)
         for n, v in table.items():
             v.update(within_budget=int(n == chosen or reasons[n].startswith("within")), chosen=int(n == chosen))
         for n, rec in int8.items():            # what quantization alone costs, against its own FP32 source
@@ -226,7 +254,7 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
                   "val_images": len(val_rows), "threads": p.threads, "int8": int8,
                   "calibration_images": [r["sha256"] for r in cal_rows]}
         card, report = json.loads(json.dumps(card)), json.loads(json.dumps(report))   # tuples as JSON lists
-        write(out_dir, files[chosen], card, table, reasons, report)
+        write(out_dir, shipped, card, table, reasons, report)
     return card, table, report
 
 

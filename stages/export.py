@@ -16,7 +16,7 @@ from stages.checkpoint import load_checkpoint, load_model
 from stages.config import UserError, atomic_text, atomic_write, cli, load_section
 from stages.loading import loader, predict
 from stages.manifest import read_manifest
-from stages.runtime import BATCH, INPUT, OUTPUT, session
+from stages.runtime import BATCH, FEATURES, INPUT, OUTPUT, session
 
 OPSET = 17
 
@@ -28,12 +28,26 @@ class Params:
     batch_size: int = 32
 
 
+class WithFeatures(torch.nn.Module):
+    """A `Classifier` that also returns its head's input: the features the deploy stage's out-of-distribution
+    score searches (stages/ood.py); INT8 quantization keeps graph outputs, so every variant has them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        f = self.model.body(x)
+        return self.model.head(f), f
+
+
 def to_onnx(model, classes, pp, path, extra=None):
-    """Write `model` to `path` (legacy TorchScript exporter: one file, ~10x faster than dynamo here)."""
+    """Write `model` to `path` with outputs OUTPUT (logits) and FEATURES (legacy TorchScript exporter: one
+    file, ~10x faster than dynamo here)."""
     x = torch.zeros(2, 3, pp.input_size, pp.input_size)
-    torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=OPSET,
-                      input_names=[INPUT], output_names=[OUTPUT],
-                      dynamic_axes={INPUT: {0: BATCH}, OUTPUT: {0: BATCH}})
+    torch.onnx.export(WithFeatures(model.eval()).eval(), (x,), str(path), dynamo=False, opset_version=OPSET,
+                      input_names=[INPUT], output_names=[OUTPUT, FEATURES],
+                      dynamic_axes={INPUT: {0: BATCH}, OUTPUT: {0: BATCH}, FEATURES: {0: BATCH}})
     m = onnx.load(str(path))
     onnx.checker.check_model(m, full_check=True)
     for k, v in {"classes": json.dumps(classes), "preprocessing": pp.to_json(), **(extra or {})}.items():

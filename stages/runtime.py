@@ -12,7 +12,9 @@ from stages.presets import Preprocessing
 
 BATCH = "batch"          # the name of the ONNX model's dynamic batch axis
 INPUT = "input"          # the name of the ONNX model's one input: (batch, 3, H, W) float32, what presets makes
-OUTPUT = "logits"        # the name of its one output: (batch, classes)
+OUTPUT = "logits"        # the name of its first output: (batch, classes)
+FEATURES = "features"    # export's second output: the head's input, (batch, dim); the shipped file has none
+OOD = "ood_score"        # the shipped file's second output, (batch, 1): larger is more out-of-distribution
 
 
 def session(path, threads=0, spinning=True, batch=None):
@@ -44,6 +46,10 @@ class Runner:
         self.single = session(path, threads, spinning, batch=1)
         self.input = self.sess.get_inputs()[0].name     # INPUT for this project's files; any name for others
 
+    def run(self, x):
+        """(n, 3, H, W) float32 -> the file's outputs, a list of arrays of n rows: logits first."""
+        return (self.single if len(x) == 1 else self.sess).run(None, {self.input: x})
+
     def __call__(self, x):
         """(n, 3, H, W) float32 -> (n, classes) logits."""
-        return (self.single if len(x) == 1 else self.sess).run(None, {self.input: x})[0]
+        return self.run(x)[0]

@@ -2,7 +2,8 @@
 
 Calibration (ECE, NLL, Brier before and after the deploy stage's temperature; a reliability diagram), abstention
 (a risk-coverage curve and the chosen threshold's point, with a Wilson interval), out-of-distribution detection
-(AUROC of the shipped energy score against generated inputs, and against a class left out), and robustness
+(AUROC of the shipped file's `ood_score` against generated inputs, beside the energy score's; and of the same KNN
+distance, on PyTorch features, against a class left out), and robustness
 (val accuracy under corruptions at 3 severities, PyTorch and the deploy model, relative to clean). The fitted
 values themselves come from the deploy model's metadata (`stages.trust`); nothing here is fitted on val.
 """
@@ -16,7 +17,7 @@ import torch
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from stages import presets, probe, runtime, trust
+from stages import ood, presets, probe, runtime, trust
 from stages.checkpoint import load_checkpoint, load_model
 from stages.config import UserError, atomic_dir, cli, load_section
 from stages.loading import loader
@@ -46,7 +47,6 @@ class Params:
     bins: int = 10                     # confidence bins of the ECE and the reliability diagram
     synthetic_images: int = 16         # generated out-of-distribution images per kind (SYNTHETIC)
     corruption_images: int = 64        # val images (stratified, seeded) each corruption is applied to; 0: all
-    knn_k: int = 5                     # neighbours of the feature-space (KNN) detector reported beside energy
     seed: int = 0
 
 
@@ -65,9 +65,16 @@ def synthetic(n, seed):
     return {k: [Image.fromarray(np.ascontiguousarray(a)) for a in v] for k, v in out.items()}
 
 
+def onnx_out(sess, x, batch_size):
+    """(logits, OOD scores (n,) or None for a file without the output) of the ONNX file over `x`."""
+    names = [o.name for o in sess.get_outputs()]
+    want = names[:1] + [runtime.OOD] * (runtime.OOD in names)
+    outs = [sess.run(want, {runtime.INPUT: x[i:i + batch_size].numpy()}) for i in range(0, len(x), batch_size)]
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])[:, 0] if len(want) > 1 else None
+
+
 def onnx_logits(sess, x, batch_size):
-    return np.concatenate([sess.run(None, {runtime.INPUT: x[i:i + batch_size].numpy()})[0]
-                           for i in range(0, len(x), batch_size)])
+    return onnx_out(sess, x, batch_size)[0]
 
 
 def torch_out(model, x, batch_size):
@@ -97,10 +104,10 @@ def wilson(k, n):
     return [round(ci.low, 4), round(ci.high, 4)] if ci else [0.0, 1.0]
 
 
-def abstention(logits, labels, fitted, target):
+def abstention(logits, scores, labels, fitted, target):
     """The served decision on val: coverage, accuracy on the answered with its Wilson interval, and the
     risk-coverage curve (the k most confident images answered, k = 1..n)."""
-    probs, reasons = trust.decide(logits, fitted)
+    probs, reasons = trust.decide(logits, fitted, scores)
     right, answered = probs.argmax(1) == labels, np.array([r is None for r in reasons])
     k, n = int(right[answered].sum()), int(answered.sum())
     conf = probs.max(1)
@@ -123,19 +130,15 @@ def auroc(inside, outside):
     return round(float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], s)), 4)
 
 
-def knn_scores(train_f, train_y, f, k):
-    from pytorch_ood.detector import KNN
-    return KNN(None, k=min(k, len(train_f))).fit_features(train_f, train_y).predict_features(f).numpy()
-
-
 def left_out_class(train_f, train_y, val_f, val_y, classes, ckpt, k):
-    """Per class: that class is the unknown. AUROC over val of the KNN feature distance to the other classes'
-    train features, and, with at least two classes left, of the energy of a probe fitted on them (train's C)."""
+    """Per class: that class is the unknown. AUROC over val of the served score's KNN distance (PyTorch features)
+    to the other classes' train features, and, with at least two classes left, of the energy of a probe fitted
+    on them (train's C)."""
     out = {}
     for c in range(len(classes)):
         keep, unknown = train_y != c, val_y == c
-        row = {"knn_auroc": auroc(*(lambda s: (s[~unknown], s[unknown]))(
-            knn_scores(train_f[keep], torch.zeros(int(keep.sum()), dtype=torch.long), val_f, k)))}
+        s = ood.knn_scores(train_f[keep], val_f, min(k, int(keep.sum())))
+        row = {"knn_auroc": auroc(s[~unknown], s[unknown])}
         if len(classes) > 2:
             y = np.searchsorted(np.unique(train_y[keep]), train_y[keep])
             w, b = probe.fit_probe(train_f[keep].double().numpy(), y, ckpt["selection"].get("lp_c", 1.0), False)
@@ -178,38 +181,38 @@ def run(checkpoint, card_path, manifest, out_dir, p):
     x, y = (torch.cat(t) for t in zip(*loader(val_rows, classes, tf, p.batch_size)))
     labels = y.numpy()
     val_f, pt_logits = torch_out(model, x, p.batch_size)
-    logits = onnx_logits(sess, x, p.batch_size)
+    logits, s_val = onnx_out(sess, x, p.batch_size)
+    if s_val is None:
+        raise UserError(f"{card['model']} has no {runtime.OOD!r} output: re-run the deploy stage, which adds it")
     fit = card.get("trust", {})
     m = {"variant": card["variant"], "val_images": len(labels), **dataclasses.asdict(fitted),
          "calibration": calibration(logits, labels, fitted.temperature, p.bins),
          "pytorch_vs_deploy_max_prob_diff": round(float(np.abs(
              trust.probabilities(pt_logits.numpy(), fitted.temperature)
              - trust.probabilities(logits, fitted.temperature)).max()), 6)}
-    m["abstention"], curve = abstention(logits, labels, fitted, fit.get("fit", {}).get("target_accuracy"))
+    m["abstention"], curve = abstention(logits, s_val, labels, fitted, fit.get("fit", {}).get("target_accuracy"))
     syn = synthetic(p.synthetic_images, p.seed)
     syn_x = {k: torch.stack([tf(im) for im in v]) for k, v in syn.items()}
+    out_syn = {k: onnx_out(sess, v, p.batch_size) for k, v in syn_x.items()}
+    s_syn = {k: s for k, (_, s) in out_syn.items()}
     e_val = trust.energy(logits, fitted.temperature)
-    z_syn = {k: onnx_logits(sess, v, p.batch_size) for k, v in syn_x.items()}
-    e_syn = {k: trust.energy(z, fitted.temperature) for k, z in z_syn.items()}
+    e_syn = np.concatenate([trust.energy(z, fitted.temperature) for z, _ in out_syn.values()])
+    reasons = {k: trust.decide(z, fitted, s)[1] for k, (z, s) in out_syn.items()}
     train_f, train_y = probe_features(model, train_rows, classes, TrainParams(batch_size=p.batch_size), "cpu", [tf])[:2]
-    train_f, train_y = torch.from_numpy(train_f).float(), train_y
-    k_val = knn_scores(train_f, torch.from_numpy(train_y), val_f, p.knn_k)
-    k_syn = knn_scores(train_f, torch.from_numpy(train_y), torch.cat([torch_out(model, v, p.batch_size)[0]
-                                                                      for v in syn_x.values()]), p.knn_k)
-    flagged = {k: round(float(np.mean(v > fitted.ood_energy_above)), 4) for k, v in e_syn.items()}
     m["ood"] = {"synthetic_images": sum(len(v) for v in syn.values()),
-                "synthetic_energy_auroc": auroc(e_val, np.concatenate(list(e_syn.values()))),
-                **{f"synthetic_energy_auroc_{k}": auroc(e_val, v) for k, v in e_syn.items()},
-                **{f"synthetic_flagged_ood_{k}": v for k, v in flagged.items()},
-                "synthetic_abstained": round(float(np.mean([r is not None for z in z_syn.values()
-                                                            for r in trust.decide(z, fitted)[1]])), 4),
-                "val_flagged_ood": round(float(np.mean(e_val > fitted.ood_energy_above)), 4),
-                "synthetic_knn_auroc": auroc(k_val, k_syn),
-                "left_out_class": left_out_class(train_f, train_y, val_f, labels, classes, ckpt, p.knn_k)}
+                "synthetic_auroc": auroc(s_val, np.concatenate(list(s_syn.values()))),
+                **{f"synthetic_auroc_{k}": auroc(s_val, v) for k, v in s_syn.items()},
+                "synthetic_energy_auroc": auroc(e_val, e_syn),
+                **{f"synthetic_flagged_ood_{k}": round(float(np.mean([r == trust.REASONS[0] for r in v])), 4)
+                   for k, v in reasons.items()},
+                "synthetic_abstained": round(float(np.mean([r is not None for v in reasons.values() for r in v])), 4),
+                "val_flagged_ood": round(float(np.mean(s_val > fitted.ood_above)), 4),
+                "left_out_class": left_out_class(torch.from_numpy(train_f).float(), train_y, val_f, labels, classes,
+                                                 ckpt, fit.get("fit", {}).get("ood_k", trust.Targets.ood_k))}
     keep = corruption_subset(val_rows, p)
     table = corrupted_accuracy(model, sess, x[keep], labels[keep], pp, p)
     m["robustness"] = robustness_summary(table, card["variant"], len(keep))
-    write(out_dir, m, curve, table, logits, labels, fitted, p.bins, e_val, e_syn)
+    write(out_dir, m, curve, table, logits, labels, fitted, p.bins, s_val, s_syn)
     return m
 
 
@@ -232,7 +235,7 @@ def robustness_summary(table, variant, n):
             **{f"{r['corruption']}_{r['severity']}_{mdl}": r[mdl] for r in table for mdl in ("pytorch", "deploy")}}
 
 
-def write(out_dir, m, curve, table, logits, labels, fitted, bins, e_val, e_syn):
+def write(out_dir, m, curve, table, logits, labels, fitted, bins, s_val, s_syn):
     from stages import trust_plots
     with atomic_dir(out_dir) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
@@ -243,7 +246,7 @@ def write(out_dir, m, curve, table, logits, labels, fitted, bins, e_val, e_syn):
                 w.writerows(rows)
         trust_plots.reliability(logits, labels, fitted.temperature, bins, m["calibration"], tmp / "reliability.png")
         trust_plots.risk_coverage(curve, m["abstention"], tmp / "risk_coverage.png")
-        trust_plots.ood_histogram(e_val, e_syn, fitted.ood_energy_above, m["ood"], tmp / "ood_energy.png")
+        trust_plots.ood_histogram(s_val, s_syn, fitted.ood_above, m["ood"], tmp / "ood_score.png")
         trust_plots.corruptions(table, m["variant"], tmp / "corruptions.png")
 
 
@@ -256,7 +259,8 @@ def main():
     c, a, o = m["calibration"], m["abstention"], m["ood"]
     print(f"trust: ECE {c['before']['ece']} -> {c['after']['ece']} (T {m['temperature']}); answered "
           f"{a['coverage']:.0%} of val at accuracy {a['accuracy_answered']} {a['accuracy_ci95']}; synthetic OOD "
-          f"AUROC {o['synthetic_energy_auroc']}; corrupted accuracy {m['robustness']['mean_relative_deploy']} "
+          f"AUROC {o['synthetic_auroc']} (energy {o['synthetic_energy_auroc']}); corrupted accuracy "
+          f"{m['robustness']['mean_relative_deploy']} "
           "of clean")
 
 

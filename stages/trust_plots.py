@@ -53,20 +53,21 @@ def risk_coverage(curve, point, path):
     _save(fig, path)
 
 
-def ood_histogram(e_val, e_syn, threshold, ood, path):
-    """Energy of val images and of each generated kind, and the served OOD threshold."""
+def ood_histogram(s_val, s_syn, threshold, ood, path):
+    """The served OOD score of val images and of each generated kind, and its threshold."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    values = [e_val, *e_syn.values()]
+    values = [s_val, *s_syn.values()]
     lo, hi = min(v.min() for v in values), max(v.max() for v in values)
     edges = np.linspace(lo, hi + 1e-9, 40)
-    ax.hist(e_val, edges, alpha=0.6, label="val (in distribution)", density=True)
-    for k, v in e_syn.items():
-        ax.hist(v, edges, histtype="step", lw=1.5, label=f"{k} (AUROC {ood[f'synthetic_energy_auroc_{k}']:.2f})",
+    ax.hist(s_val, edges, alpha=0.6, label="val (in distribution)", density=True)
+    for k, v in s_syn.items():
+        ax.hist(v, edges, histtype="step", lw=1.5, label=f"{k} (AUROC {ood[f'synthetic_auroc_{k}']:.2f})",
                 density=True)
     if np.isfinite(threshold):
         ax.axvline(threshold, c="r", ls="--", label="OOD threshold")
-    ax.set(xlabel="energy -T logsumexp(logits / T): larger is more out-of-distribution", ylabel="density",
-           title=f"out-of-distribution: AUROC {ood['synthetic_energy_auroc']:.3f}")
+    ax.set(xlabel="ood_score: distance to the k-th nearest train feature (larger: more out-of-distribution)",
+           ylabel="density", title=f"out-of-distribution: AUROC {ood['synthetic_auroc']:.3f} "
+                                   f"(energy {ood['synthetic_energy_auroc']:.3f})")
     ax.legend(fontsize=7)
     _save(fig, path)
 

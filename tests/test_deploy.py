@@ -110,6 +110,10 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     fitted = trust.Trust.from_metadata(runtime.session(out / "model.onnx").get_modelmeta().custom_metadata_map)
     assert json.loads(meta["trust"]) == card["trust"] and fitted.temperature == card["trust"]["temperature"] > 0
     assert card["trust"]["fit"]["images"] > 0 and card["trust"]["fit"]["target_accuracy"] == 0.99
+    # the shipped file answers the OOD score itself; export's FEATURES output is gone from it
+    assert [o.name for o in runtime.session(out / "model.onnx").get_outputs()] == [runtime.OUTPUT, runtime.OOD]
+    assert np.isfinite(fitted.ood_above) and card["trust"]["fit"]["ood_bank_images"] == len(
+        read_manifest(manifest, {"train"})[0])
     for d, facts in (("w1", {}), ("w2", {"git_rev": "f" * 40, "reason": "chosen, 9.9x", "metrics": {"x": 1}})):
         deploy.write(tmp_path / d, onnx_path, {**card, **facts}, variants, report["reasons"], report)
     assert (tmp_path / "w1/model.onnx").read_bytes() == (tmp_path / "w2/model.onnx").read_bytes()

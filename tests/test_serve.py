@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve import app as serve_app, predict_folder, server as serve_server, triton
 from serve.batcher import Batcher
 from serve.model import Params
-from stages import card as model_card, export, prepare, presets, runtime, train
+from stages import card as model_card, export, prepare, presets, runtime, train, trust
 from stages.config import UserError
 from stages.checkpoint import load_model
 from stages.manifest import read_manifest
@@ -362,20 +362,20 @@ def test_batcher_groups_concurrent_requests_and_survives_a_failed_call():
         calls.append(len(x))
         if (x < 0).any():
             raise ValueError("negative input")
-        return x * 2
+        return [x * 2, x[:, :1]]                                         # two outputs, as the shipped file's
 
     async def scenario():
         b = Batcher([infer], max_batch_size=4, max_wait_ms=50)
         await b.start()
         out = await asyncio.gather(*(b.submit(np.full(3, i, np.float32)) for i in range(10)))
-        assert [o[0] for o in out] == [2 * i for i in range(10)] and calls == [4, 4, 2]
+        assert [(o[0][0], o[1][0]) for o in out] == [(2 * i, i) for i in range(10)] and calls == [4, 4, 2]
         with pytest.raises(ValueError, match="negative"):
             await asyncio.gather(b.submit(np.full(3, -1, np.float32)), b.submit(np.ones(3, np.float32)))
-        assert (await b.submit(np.ones(3, np.float32)) == 2).all()       # still serving
+        assert (await b.submit(np.ones(3, np.float32)))[0][0] == 2       # still serving
         pending = asyncio.ensure_future(b.submit(np.ones(3, np.float32)))
         await asyncio.sleep(0)
         await b.stop()                                                   # serves what is queued first
-        assert (pending.result() == 2).all() and not b.running
+        assert (pending.result()[0] == 2).all() and not b.running
 
     asyncio.run(scenario())
 
@@ -384,7 +384,7 @@ def test_batcher_lanes_run_batches_at_the_same_time():
     """Two lanes: two batches are in ONNX Runtime at once (each lane waits for the other inside its call:
     one lane at a time would break the barrier), and every answer comes from the right row."""
     both = threading.Barrier(2, timeout=10)
-    lanes = [lambda x, k=k: (both.wait(), x * 10 + k)[1] for k in (1, 2)]
+    lanes = [lambda x, k=k: (both.wait(), [x * 10 + k])[1] for k in (1, 2)]
 
     async def scenario():
         b = Batcher(lanes, max_batch_size=1, max_wait_ms=0)
@@ -394,7 +394,7 @@ def test_batcher_lanes_run_batches_at_the_same_time():
         return out
 
     out = asyncio.run(scenario())
-    assert [int(o[0]) // 10 for o in out] == list(range(6)) and {int(o[0]) % 10 for o in out} == {1, 2}
+    assert [int(o[0][0]) // 10 for o in out] == list(range(6)) and {int(o[0][0]) % 10 for o in out} == {1, 2}
 
 
 def test_batching_defaults_come_from_the_cards_serving_measurement_on_this_cpu(card, tmp_path):
@@ -443,41 +443,38 @@ def test_predict_folder_writes_every_file_and_matches_offline(card, tmp_path):
 
 @pytest.fixture(scope="module")
 def trusted(card, tmp_path_factory):
-    """The tiny model shipped as the deploy stage ships it: trust fitted on its held-out (out-of-fold) logits
-    and written into the ONNX metadata (`deploy.ship`), with its card."""
-    from stages import deploy, trust
+    """The tiny model shipped as the deploy stage ships it: its OOD output added and trust fitted on holdout
+    (`deploy.trusted`), written into the ONNX metadata (`deploy.ship`), with its card."""
+    from stages import deploy
     d, ckpt_path = tmp_path_factory.mktemp("trusted"), card.parent.parent / "train" / "model.pt"
     manifest = card.parent.parent / "prepare" / "manifest.csv"
     model, classes, pp = load_model(ckpt_path)
     (hold, _), (tr, _) = read_manifest(manifest, {"holdout"}), read_manifest(manifest, {"train"})
     p = deploy.Params(batch_size=8)
-    logits, labels = deploy.heldout_logits(model, torch.load(ckpt_path, weights_only=True), "onnx_fp32",
-                                           card.parent / "model.onnx",
-                                           deploy.tensors(hold, classes, pp, 8), tr + hold, classes, p)
-    fitted, _ = trust.fit(logits.numpy(), labels.numpy(), p.trust)
+    shipped, fitted, _ = deploy.trusted(model, torch.load(ckpt_path, weights_only=True), "onnx_fp32",
+                                        card.parent / "model.onnx", tr, hold, deploy.tensors(hold, classes, pp, 8),
+                                        d / "with_ood.onnx", p)
     facts = {"model": (d / "model.onnx").as_posix(), "variant": "onnx_fp32", "trust": dataclasses.asdict(fitted)}
-    deploy.ship(card.parent / "model.onnx", d / "model.onnx", facts)
+    deploy.ship(shipped, d / "model.onnx", facts)
     return write_card(d / "card.json", d / "model.onnx", trust=facts["trust"]), fitted
 
 
 def test_noise_and_a_flat_colour_are_flagged_a_val_image_is_not_and_abstentions_are_counted(trusted):
-    """The tiny colour model's two logits are +-z (see stages/trust.py), so the energy is -|z|: its held-out
-    images, a red or blue mean under pixel noise, sit at |z| ~ 6; uniform noise and flat grey, between the
-    classes, at ~ 3.5 and ~ 4 (measured), above the threshold fitted on holdout."""
-    from stages import trust
+    """The served `ood_score` (distance to the 5th nearest train image in the body's feature space) of uniform
+    noise and flat grey lies over the threshold fitted on holdout; a val image's does not."""
     card_path, fitted = trusted
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
     images = {"val.jpg": encode(COLORS["red"], (48, 40), "JPEG", seed=1234),
               "noise.png": png_bytes(noise),
               "grey.png": png_bytes(Image.new("RGB", (50, 50), (128, 128, 128)))}
     with LiveServer(serve_app.create_app(card_path, PARAMS)) as url, httpx.Client(base_url=url, timeout=30) as c:
-        assert c.get("/metadata").json()["trust"] == dataclasses.asdict(fitted)
+        assert c.get("/metadata").json()["trust"] == json.loads(fitted.to_json())
         r = c.post("/predict", **multipart([(n, d, "image/png") for n, d in images.items()]))
         assert r.status_code == 200, r.text
         got = {p["filename"]: p for p in r.json()["predictions"]}
         assert got["val.jpg"]["abstained"] is False and got["val.jpg"]["reason"] is None
         for name in ("noise.png", "grey.png"):
-            assert got[name]["abstained"] is True and got[name]["reason"] in trust.REASONS, got[name]
+            assert got[name]["abstained"] is True and got[name]["reason"] == "out_of_distribution", got[name]
             assert len(got[name]["top_k"]) == 2                      # the answer is still there
         m = metrics(c)
         counted = sum(m[("serve_abstentions_total", (("reason", r),))] for r in trust.REASONS)
@@ -493,14 +490,14 @@ def test_noise_and_a_flat_colour_are_flagged_a_val_image_is_not_and_abstentions_
 
 def test_model_probabilities_apply_the_metadata_temperature(card, tmp_path):
     from serve.model import Model
-    from stages import deploy, trust
+    from stages import deploy
     facts = {"model": (tmp_path / "model.onnx").as_posix(), "variant": "onnx_fp32",
              "trust": {"temperature": 2.5, "abstain_below": 0.9, "ood_energy_above": -2.0}}
     deploy.ship(card.parent / "model.onnx", tmp_path / "model.onnx", facts)
     m = Model(write_card(tmp_path / "card.json", tmp_path / "model.onnx"), 1)
     z = np.array([[3.0, -3.0], [0.2, -0.2], [0.1, 0.6]])
     assert np.allclose(m.probabilities(z), np.exp(z / 2.5) / np.exp(z / 2.5).sum(1, keepdims=True))
-    assert m.decide(z)[1] == [None, "out_of_distribution", "low_confidence"]   # energies -3.2, -1.7, -2.1
+    assert m.decide([z])[1] == [None, "out_of_distribution", "low_confidence"]   # energies -3.2, -1.7, -2.1
     assert Model(card, 1).trust == trust.Trust()          # no metadata: plain softmax, never abstains
 
 
@@ -545,7 +542,8 @@ def parse_pbtxt(text):
     return message(None)
 
 
-def test_triton_repository_matches_the_onnx_graph(card, tmp_path):
+def test_triton_repository_matches_the_onnx_graph(trusted, tmp_path):
+    card, fitted = trusted
     model = json.loads(card.read_text())["model"]
     classes, pp = runtime.metadata(runtime.session(model))
     triton.run(model, tmp_path / "repo", max_batch_size=8, max_queue_delay_us=5000, threads=1)
@@ -555,15 +553,16 @@ def test_triton_repository_matches_the_onnx_graph(card, tmp_path):
     cfg = parse_pbtxt((root / "config.pbtxt").read_text())
     assert cfg["name"] == ["classifier"] and cfg["platform"] == ["onnxruntime_onnx"]
     assert cfg["max_batch_size"] == [8]
-    (inp,), (out,) = cfg["input"], cfg["output"]
+    (inp,), (out, score) = cfg["input"], cfg["output"]
     assert inp == {"name": ["input"], "data_type": ["TYPE_FP32"], "dims": [3, pp.input_size, pp.input_size]}
     assert out == {"name": ["logits"], "data_type": ["TYPE_FP32"], "dims": [2], "label_filename": ["labels.txt"]}
+    assert score == {"name": ["ood_score"], "data_type": ["TYPE_FP32"], "dims": [1]}
     (batching,) = cfg["dynamic_batching"]
     assert batching == {"preferred_batch_size": [4, 8], "max_queue_delay_microseconds": [5000]}
     assert cfg["instance_group"] == [{"count": [1], "kind": ["KIND_CPU"]}]
     params = {p["key"][0]: p["value"][0]["string_value"][0] for p in cfg["parameters"]}
     assert params["intra_op_thread_count"] == "1" and presets.Preprocessing.from_json(params["preprocessing"]) == pp
-    assert json.loads(params["trust"]) == {"temperature": 1.0, "abstain_below": 0.0, "ood_energy_above": None}
+    assert trust.Trust.from_metadata({"trust": params["trust"]}) == fitted and np.isfinite(fitted.ood_above)
 
 
 def dockerfile():

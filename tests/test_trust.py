@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
-from stages import deploy, runtime, trust, trust_eval
+from stages import deploy, ood, runtime, trust, trust_eval
 from stages.checkpoint import load_model
 from stages.config import UserError
 
@@ -65,15 +66,55 @@ def test_fit_decide_and_the_metadata_round_trip():
     probs, reasons = trust.decide(logits, fitted)
     answered = np.array([r is None for r in reasons])
     assert (probs.argmax(1) == labels)[answered].mean() >= 0.95 and answered.mean() >= 0.3
-    e = trust.energy(logits, fitted.temperature)
-    assert abs(np.mean(e <= fitted.ood_energy_above) - 0.95) < 0.01
-    assert {r for r in reasons} <= {None, *trust.REASONS}
+    assert {r for r in reasons} <= {None, "low_confidence"} and fitted.ood_above == np.inf   # no OOD scores
+    scores = rng.gamma(4, 0.1, len(labels))
+    fitted = trust.fit(logits, labels, trust.Targets(target_accuracy=0.95, min_coverage=0.3), scores)[0]
+    assert abs(np.mean(scores <= fitted.ood_above) - 0.95) < 0.01 and fitted.ood_energy_above == np.inf
+    far = scores.copy()
+    far[:3] = [fitted.ood_above + 1, np.nan, fitted.ood_above]    # over: flagged; NaN: flagged; at: not
+    assert [r == "out_of_distribution" for r in trust.decide(logits, fitted, far[:, None])[1][:3]] == [1, 1, 0]
+    with pytest.raises(ValueError, match="no ood_score"):
+        trust.decide(logits, fitted)
     assert trust.Trust.from_metadata({"trust": fitted.to_json()}) == fitted
     plain = trust.Trust.from_metadata({})                          # an older model: softmax, never abstains
-    assert plain == trust.Trust() and json.loads(plain.to_json())["ood_energy_above"] is None
+    assert plain == trust.Trust() and json.loads(plain.to_json())["ood_above"] is None
     assert trust.Trust.from_metadata({"trust": plain.to_json()}) == plain
     p, r = trust.decide(rng.normal(0, 1, (5, 2)), plain)
     assert r == [None] * 5
+    old = trust.Trust.from_metadata({"trust": json.dumps({"temperature": 1.0, "abstain_below": 0.0,
+                                                          "ood_energy_above": -3.0})})   # deployed before ood_score
+    assert trust.decide(np.array([[4.0, -4.0], [1.0, -1.0]]), old)[1] == [None, "out_of_distribution"]
+
+
+def test_the_ood_output_in_the_graph_is_pytorch_ood_knn():
+    """`ood.with_knn` appended to a small graph (its output FEATURES a ReLU of a matrix product, so some rows
+    are all zeros) gives pytorch_ood's KNN scores; the FEATURES output is gone, the logits are untouched."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    w, head = rng.normal(0, 1, (6, 16)).astype(np.float32), rng.normal(0, 1, (16, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [runtime.INPUT, "w"], ["h"]), helper.make_node("Relu", ["h"], [runtime.FEATURES]),
+         helper.make_node("MatMul", [runtime.FEATURES, "head"], [runtime.OUTPUT])], "g",
+        [helper.make_tensor_value_info(runtime.INPUT, TensorProto.FLOAT, [runtime.BATCH, 6])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [runtime.BATCH, d])
+         for n, d in ((runtime.OUTPUT, 3), (runtime.FEATURES, 16))],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(head, "head")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    bank = np.maximum(rng.normal(0, 1, (40, 6)).astype(np.float32) @ w, 0)
+    x = rng.normal(0, 1, (31, 6)).astype(np.float32)
+    x[-1] = 0                                                     # zero features
+    for k in (1, 5):
+        m = ood.with_knn(model, bank, k)
+        sess = onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert [o.name for o in sess.get_outputs()] == [runtime.OUTPUT, runtime.OOD]
+        logits, score = sess.run(None, {runtime.INPUT: x})
+        f = np.maximum(x @ w, 0)
+        assert score.shape == (len(x), 1) and np.allclose(logits, f @ head, atol=1e-4)
+        assert np.allclose(score[:, 0], ood.knn_scores(bank, f, k), atol=1e-4)
+        assert (f[-1] == 0).all() and np.allclose(score[-1], 1.0)    # a zero vector: distance 1 to unit vectors
+    with pytest.raises(ValueError, match="k=41"):
+        ood.with_knn(model, bank, 41)
 
 
 def test_bad_trust_targets_fail_with_the_key():
@@ -115,14 +156,13 @@ def deployed(tmp_path_factory):
     model, classes, pp = load_model(d / "train" / "model.pt")
     ckpt = torch.load(d / "train" / "model.pt", weights_only=True)
     (hold, _), (tr, _) = read_manifest(manifest, {"holdout"}), read_manifest(manifest, {"train"})
-    p = deploy.Params(batch_size=8)
-    logits, labels = deploy.heldout_logits(model, ckpt, "onnx_fp32", d / "export" / "model.onnx",
-                                           deploy.tensors(hold, classes, pp, 8), tr + hold, classes, p)
-    fitted, fit = trust.fit(logits.numpy(), labels.numpy(), p.trust)
+    p = deploy.Params(batch_size=8, trust={"ood_k": 3})
+    shipped, fitted, fit = deploy.trusted(model, ckpt, "onnx_fp32", d / "export" / "model.onnx", tr, hold,
+                                          deploy.tensors(hold, classes, pp, 8), d / "with_ood.onnx", p)
     card = {"model": (d / "deploy" / "model.onnx").as_posix(), "variant": "onnx_fp32", "classes": classes,
             "trust": {**dataclasses.asdict(fitted), "fit": fit}}
     (d / "deploy").mkdir()
-    deploy.ship(d / "export" / "model.onnx", d / "deploy" / "model.onnx", card)
+    deploy.ship(shipped, d / "deploy" / "model.onnx", card)
     return d, write_card(d / "deploy" / "card.json", card), ckpt["selection"]["kept"]
 
 
@@ -131,9 +171,10 @@ def test_trust_is_fitted_on_held_out_logits_into_the_metadata(deployed):
     fitted = trust.Trust.from_metadata(runtime.session(d / "deploy" / "model.onnx").get_modelmeta()
                                        .custom_metadata_map)
     assert dataclasses.asdict(fitted) == {k: card["trust"][k] for k in ("temperature", "abstain_below",
-                                                                          "ood_energy_above")}
-    assert 0 < fitted.temperature and 0 <= fitted.abstain_below < 1 and np.isfinite(fitted.ood_energy_above)
+                                                                          "ood_above", "ood_energy_above")}
+    assert 0 < fitted.temperature and 0 <= fitted.abstain_below < 1 and np.isfinite(fitted.ood_above)
     fit = card["trust"]["fit"]
+    assert fit["ood_bank_images"] == 20 and fit["ood_k"] == 3     # train's 20 images, all under ood_bank
     assert fit["target_accuracy"] == 0.99 and fit["abstention"]["coverage"] >= 0.5
     # a probe kept has seen holdout: out-of-fold logits over train + holdout (24 images), not holdout's 4
     assert fit["images"] == (24 if kept == "linear_probe" else 4)
@@ -143,7 +184,7 @@ def test_trust_is_fitted_on_held_out_logits_into_the_metadata(deployed):
 
 def test_trust_stage_writes_metrics_tables_and_plots(deployed, tmp_path):
     d, card, _ = deployed
-    p = trust_eval.Params(batch_size=8, synthetic_images=3, corruption_images=6, knn_k=3)
+    p = trust_eval.Params(batch_size=8, synthetic_images=3, corruption_images=6)
     out = tmp_path / "trust"
     m = trust_eval.run(d / "train" / "model.pt", d / "deploy" / "card.json", d / "prepare" / "manifest.csv", out, p)
     assert json.loads((out / "metrics.json").read_text()) == m
@@ -163,5 +204,5 @@ def test_trust_stage_writes_metrics_tables_and_plots(deployed, tmp_path):
     assert m["robustness"]["images"] == 6 and not m["robustness"]["deploy_is_int8"]
     curve = list(csv.DictReader(open(out / "risk_coverage.csv")))
     assert len(curve) == 12 and float(curve[-1]["coverage"]) == 1.0
-    for png in ("reliability", "risk_coverage", "ood_energy", "corruptions"):
+    for png in ("reliability", "risk_coverage", "ood_score", "corruptions"):
         assert (out / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
