@@ -60,15 +60,19 @@ def choose_c(x, y, image, p):
                "cv_acc_std": round(float(spread), 4), "cv_loss": round(-neg_loss, 4)}
 
 
-def out_of_fold(x, y, c, folds, seed, balanced):
+def out_of_fold(x, y, c, folds, seed, balanced, per_row=False):
     """Logits [n, k] of every row from a probe fitted on the other folds (stratified, shuffled by `seed`, at
-    least 2): what the probe says about images it never saw (the labels audit, the trust fit)."""
+    least 2): what the probe says about images it never saw (the labels audit, the trust fit). `per_row`: each
+    fold's C is c * n / (rows it fits), so that its penalty weighs against each row as the probe's fitted on all
+    n rows does (scikit-learn's C multiplies the summed loss): fewer rows at the same C make a more strongly
+    regularised, less confident probe, and a temperature fitted on its logits too low for the shipped one."""
     from sklearn.model_selection import StratifiedKFold
 
     out = np.zeros((len(y), int(y.max()) + 1), np.float32)
     for tr, te in StratifiedKFold(max(2, min(folds, np.bincount(y).min())), shuffle=True,
                                   random_state=seed).split(x, y):
-        out[te] = head_logits(x[te], *fit_probe(x[tr], y[tr], c, balanced)).numpy()
+        out[te] = head_logits(x[te], *fit_probe(x[tr], y[tr], c * len(y) / len(tr) if per_row else c,
+                                                balanced)).numpy()
     return out
 
 

@@ -206,3 +206,16 @@ def test_trust_stage_writes_metrics_tables_and_plots(deployed, tmp_path):
     assert len(curve) == 12 and float(curve[-1]["coverage"]) == 1.0
     for png in ("reliability", "risk_coverage", "ood_score", "corruptions"):
         assert (out / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_out_of_fold_probes_matched_per_row_are_as_confident_as_the_probe_on_all_rows():
+    """At one C a probe fitted on 4/5 of the rows is more strongly regularised than the shipped one (scikit-learn's
+    C multiplies the summed loss); `per_row` scales C by n / rows fitted, and its logits' spread is the full one's."""
+    from stages import probe
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 40)
+    x = rng.normal(0, 1, (80, 8)) + y[:, None] * 0.8
+    spread = lambda z: float(np.abs(np.asarray(z)[:, 1] - np.asarray(z)[:, 0]).mean())  # noqa: E731
+    full = spread(probe.head_logits(x, *probe.fit_probe(x, y, 0.01, False)))
+    plain, matched = (spread(probe.out_of_fold(x, y, 0.01, 5, 0, False, per_row=r)) for r in (False, True))
+    assert plain < matched and abs(matched - full) < abs(plain - full) / 3
