@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.timing import section, wall
-from stages import deploy, export, prune, quantize
+from stages import deploy, export, loading, prune, quantize
 from stages.config import UserError
 from stages.manifest import read_manifest
 from stages.checkpoint import load_model
@@ -37,10 +37,10 @@ def build(checkpoint, manifest, work, dp, pp_):
     report, prune_s = wall(prune.run, checkpoint, manifest, work / "prune", pp_, "cpu")
     model, classes, pp = load_model(checkpoint)
     (hold, _), (train_rows, _) = (read_manifest(manifest, {s}) for s in ("holdout", "train"))
-    hold = deploy.tensors(hold, classes, pp, dp.batch_size)
+    hold = loading.tensors(hold, classes, pp, dp.batch_size)
     n = max(quantize.settings(dp.int8, t).calibration_size for t in dp.tries)
     cal_rows = quantize.calibration_rows(train_rows, n, dp.seed)
-    cal_x = torch.cat([x for x, _ in deploy.tensors(cal_rows, classes, pp, dp.batch_size)]).numpy()
+    cal_x = torch.cat([x for x, _ in loading.tensors(cal_rows, classes, pp, dp.batch_size)]).numpy()
     (work / "variants").mkdir(parents=True, exist_ok=True)
     (files, int8), build_s = wall(deploy.variants, checkpoint, work / "export" / "model.onnx",
                                   work / "prune" / "model.pt", work / "variants", cal_rows, cal_x, hold, dp)
@@ -55,7 +55,7 @@ def run(checkpoint, manifest, work, quick):
     files, info = build(checkpoint, manifest, work, dp, pp_)
     model, classes, pp = load_model(checkpoint)
     rows, _ = read_manifest(manifest, {"val"})
-    val = deploy.tensors(rows, classes, pp, dp.batch_size)
+    val = loading.tensors(rows, classes, pp, dp.batch_size)
     tables = {}
     for t in THREADS:
         tables[t], _ = deploy.measure(model, classes, files, val, dataclasses.replace(dp, threads=t))

@@ -14,6 +14,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -27,24 +28,20 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from stages import machine, ood, presets, probe, quantize, runtime, throughput, timing, trust  # noqa: E402
+from stages import loading, machine, quantize, runtime, throughput, timing, trust, trust_fit  # noqa: E402
 from stages.card import write_card  # noqa: E402
 from stages.checkpoint import load_checkpoint, load_model  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section, typed  # noqa: E402
 from stages.evaluate import scores  # noqa: E402
 from stages.export import parity, predict_onnx, to_onnx  # noqa: E402
-from stages.loading import loader, predict  # noqa: E402
+from stages.loading import predict  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
-from stages.train import Params as TrainParams, probe_features  # noqa: E402
 
 BASELINE, FALLBACK = "pytorch_fp32", "onnx_fp32"
 # card facts kept out of the ONNX file's metadata: they change from run to run (timings, the git revision) or
 # come after it (its hash), and the same inputs and choice must give the same model bytes
 MEASURED = ("sha256", "git_rev", "reason", "metrics", "built_on", "serving")
 SOURCES = {"onnx_int8": "onnx_fp32", "pruned_int8": "pruned_fp32"}   # INT8 variant -> the FP32 it quantizes
-# folds of the out-of-fold probe logits the temperature is fitted on, at least: a tenth of the rows left out, not
-# train's fifth (shipped data, val ECE after scaling: 0.0329 at 5 folds, 0.0276 at 10 with C matched per row)
-TRUST_FOLDS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +118,6 @@ def git_rev():
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
 
 
-def tensors(rows, classes, pp, batch_size):
-    """Decoded, preprocessed (x, y) batches, kept in memory: every variant reads the same inputs."""
-    return list(loader(rows, classes, presets.eval_transform(pp), batch_size))
-
-
 def score(logits, labels, ref, classes):
     """A variant's accuracy, per-class recall deltas and parity against the reference logits `ref`."""
     s, r = scores(logits.argmax(1), labels, classes), scores(ref.argmax(1), labels, classes)
@@ -172,50 +164,6 @@ def measure(model, classes, files, val, p):
     return table, logits
 
 
-def heldout_logits(model, ckpt, chosen, chosen_file, hold, rows, classes, p):
-    """(logits, labels) of images the shipped model was not fitted on, for `trust.fit`: the chosen file's on
-    holdout; but a probe refitted on train + holdout (the probe kept, and the variant not pruned: pruning refits
-    its own head and body) has seen holdout, and its holdout logits are overconfident, so then out-of-fold probe
-    logits over train + holdout on the frozen body, at train's C per row and at least TRUST_FOLDS folds
-    (PyTorch: the FP32 ONNX file's to 1e-5; an INT8 file's differ by its rounding)."""
-    sel, tp = ckpt.get("selection", {}), ckpt["params"]
-    if sel.get("kept") != "linear_probe" or chosen.startswith("pruned"):
-        return predict_onnx(runtime.session(chosen_file, p.threads), hold)
-    x, y, _ = probe_features(model, rows, classes, TrainParams(batch_size=p.batch_size, seed=tp["seed"]), "cpu",
-                             [presets.eval_transform(presets.Preprocessing.from_json(ckpt["preprocessing"]))])
-    out = probe.out_of_fold(x, y, sel.get("lp_c", 1.0), max(tp["lp_folds"], TRUST_FOLDS), tp["seed"],
-                            tp["balance"] != "none", per_row=True)
-    return torch.from_numpy(out), torch.from_numpy(y)
-
-
-def with_ood(chosen_file, train, classes, pp, path, p):
-    """(`path`, bank rows): `chosen_file` with its `ood_score` output (stages/ood.py) written to `path`. The
-    bank: up to `trust.ood_bank` train images (stratified, seeded), their features from the chosen file itself."""
-    rows = quantize.calibration_rows(train, p.trust.ood_bank, p.seed) if len(train) > p.trust.ood_bank else train
-    if len(rows) < p.trust.ood_k:
-        raise UserError(f"deploy.trust.ood_k is {p.trust.ood_k}, but train has only {len(rows)} images")
-    sess = runtime.session(chosen_file, p.threads)
-    if runtime.FEATURES not in [o.name for o in sess.get_outputs()]:
-        raise UserError(f"{chosen_file} has no {runtime.FEATURES!r} output: re-run the export stage "
-                        "(`dvc repro export`), which adds it")
-    bank = np.concatenate([sess.run([runtime.FEATURES], {runtime.INPUT: x.numpy()})[0]
-                           for x, _ in tensors(rows, classes, pp, p.batch_size)])
-    onnx.save(ood.with_knn(onnx.load(str(chosen_file)), bank, p.trust.ood_k), str(path))
-    return path, len(bank)
-
-
-def trusted(model, ckpt, chosen, chosen_file, train, hold_rows, hold, path, p):
-    """(`path`, Trust, fit report): the chosen file with its OOD output, and the trust settings fitted on
-    holdout (its logits as `heldout_logits` picks them; its OOD scores through the new file)."""
-    classes, pp = ckpt["classes"], presets.Preprocessing.from_json(ckpt["preprocessing"])
-    path, bank_images = with_ood(chosen_file, train, classes, pp, path, p)
-    sess = runtime.session(path, p.threads)
-    scores = np.concatenate([sess.run([runtime.OOD], {runtime.INPUT: x.numpy()})[0] for x, _ in hold])
-    logits, labels = heldout_logits(model, ckpt, chosen, chosen_file, hold, train + hold_rows, classes, p)
-    fitted, fit = trust.fit(logits.numpy(), labels.numpy(), p.trust, scores)
-    return path, fitted, {**fit, "ood_bank_images": bank_images}
-
-
 def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
     """Build, score, time, choose; write model.onnx, card.json, variants.json/.csv, tradeoff.png, report.json."""
     ckpt = load_checkpoint(checkpoint)
@@ -223,15 +171,15 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
     (val_rows, _), (hold_rows, _), (train, _) = (read_manifest(manifest, {s}) for s in ("val", "holdout", "train"))
     if not val_rows or not hold_rows or not train:
         raise UserError(f"{manifest}: deploy needs images in the train, holdout and val splits")
-    val, hold = tensors(val_rows, classes, pp, p.batch_size), tensors(hold_rows, classes, pp, p.batch_size)
+    val, hold = loading.tensors(val_rows, classes, pp, p.batch_size), loading.tensors(hold_rows, classes, pp, p.batch_size)
     n_cal = max(quantize.settings(p.int8, t).calibration_size for t in p.tries)
     cal_rows = quantize.calibration_rows(train, n_cal, p.seed)
-    cal_x = torch.cat([x for x, _ in tensors(cal_rows, classes, pp, p.batch_size)]).numpy()
+    cal_x = torch.cat([x for x, _ in loading.tensors(cal_rows, classes, pp, p.batch_size)]).numpy()
     with tempfile.TemporaryDirectory(prefix="deploy-") as work:
         files, int8 = variants(checkpoint, onnx_path, pruned, Path(work), cal_rows, cal_x, hold, p)
         table, logits = measure(model, classes, files, val, p)
         chosen, reasons = select(table, p.budget)
-        shipped, fitted, fit = trusted(model, ckpt, chosen, files[chosen], train, hold_rows, hold,
+        shipped, fitted, fit = trust_fit.trusted(model, ckpt, chosen, files[chosen], train, hold_rows, hold,
                                        Path(work) / "shipped.onnx", p)
         serving = throughput.measure(shipped, [Path(r["path"]).read_bytes()
                                                for r in val_rows[:p.serving.images]], p.serving)
@@ -258,15 +206,18 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
                   "val_images": len(val_rows), "threads": p.threads, "int8": int8,
                   "calibration_images": [r["sha256"] for r in cal_rows]}
         card, report = json.loads(json.dumps(card)), json.loads(json.dumps(report))   # tuples as JSON lists
-        write(out_dir, shipped, card, table, reasons, report)
+        write(out_dir, shipped, files["onnx_int8"], card, table, reasons, report)
     return card, table, report
 
 
-def write(out_dir, chosen_file, card, table, reasons, report):
+def write(out_dir, chosen_file, int8_file, card, table, reasons, report):
     """The chosen ONNX file with the card's facts in its metadata, then the card (with its SHA-256), the
-    variant table as JSON (for `dvc metrics`) and CSV, the trade-off plot and the selection report."""
+    variant table as JSON (for `dvc metrics`) and CSV, the trade-off plot and the selection report; and
+    `onnx_int8.onnx`, export's file quantized as scored here, shipped or not: the trust stage compares its
+    robustness to corruptions with FP32's."""
     with atomic_dir(out_dir) as tmp:
         ship(chosen_file, tmp / "model.onnx", card)
+        shutil.copyfile(int8_file, tmp / "onnx_int8.onnx")
         card.update(write_card(tmp / "card.json", card, file=tmp / "model.onnx"))
         (tmp / "variants.json").write_text(json.dumps(table, indent=2) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")

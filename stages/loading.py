@@ -139,6 +139,11 @@ def loader(rows, classes, transform, batch_size, shuffle=False, seed=0, column="
                       pin_memory=str(device).startswith("cuda"), persistent_workers=workers > 0)
 
 
+def tensors(rows, classes, pp, batch_size):
+    """Decoded, eval-preprocessed (x, y) batches, kept in memory: every model scored reads the same inputs."""
+    return list(loader(rows, classes, presets.eval_transform(pp), batch_size))
+
+
 @torch.no_grad()
 def predict(model, batches, device, desc=None, shard=SOLO):
     """Logits (float32, CPU) and labels over `batches`, in order; with a `shard`, every process's joined.

@@ -4,7 +4,8 @@ Calibration (ECE, NLL, Brier before and after the deploy stage's temperature; a 
 (a risk-coverage curve and the chosen threshold's point, with a Wilson interval), out-of-distribution detection
 (AUROC of the shipped file's `ood_score` against generated inputs, beside the energy score's; and of the same KNN
 distance, on PyTorch features, against a class left out), and robustness
-(val accuracy under corruptions at 3 severities, PyTorch and the deploy model, relative to clean). The fitted
+(val accuracy under corruptions at 3 severities, relative to clean: PyTorch, the deploy model, and export's FP32
+file beside its INT8, whichever ships). The fitted
 values themselves come from the deploy model's metadata (`stages.trust`); nothing here is fitted on val.
 """
 import argparse
@@ -148,8 +149,9 @@ def left_out_class(train_f, train_y, val_f, val_y, classes, ckpt, k):
     return out
 
 
-def corrupted_accuracy(model, sess, x, labels, pp, p):
-    """[{corruption, severity, pytorch, deploy}] val accuracy, severity 0 the clean images."""
+def corrupted_accuracy(model, sessions, x, labels, pp, p):
+    """[{corruption, severity, pytorch, one column per `sessions` entry, each also relative to clean}] val
+    accuracy, severity 0 the clean images; `sessions` {column: ONNX Runtime session}."""
     mean, std = torch.tensor(pp.mean).view(1, 3, 1, 1), torch.tensor(pp.std).view(1, 3, 1, 1)
     clean, rows = (x * std + mean).clamp(0, 1), []
     acc = lambda z: round(float((np.asarray(z).argmax(1) == labels).mean()), 4)  # noqa: E731
@@ -157,15 +159,22 @@ def corrupted_accuracy(model, sess, x, labels, pp, p):
         for i, s in enumerate(levels):
             torch.manual_seed(p.seed)
             xc = x if fn is None else (fn(clean, s) - mean) / std
-            rows.append({"corruption": name, "severity": i + (fn is not None), "pytorch": acc(
-                torch_out(model, xc, p.batch_size)[1]), "deploy": acc(onnx_logits(sess, xc, p.batch_size))})
+            row, seen = {"corruption": name, "severity": i + (fn is not None),
+                         "pytorch": acc(torch_out(model, xc, p.batch_size)[1])}, {}
+            for col, sess in sessions.items():     # a session in two columns (deploy is one of them) runs once
+                if id(sess) not in seen:
+                    seen[id(sess)] = acc(onnx_logits(sess, xc, p.batch_size))
+                row[col] = seen[id(sess)]
+            rows.append(row)
+    cols = ["pytorch", *sessions]
     for r in rows:
-        r.update({f"{m}_relative": round(r[m] / max(rows[0][m], 1e-9), 4) for m in ("pytorch", "deploy")})
+        r.update({f"{m}_relative": round(r[m] / max(rows[0][m], 1e-9), 4) for m in cols})
     return rows
 
 
-def run(checkpoint, card_path, manifest, out_dir, p):
-    """Score the card's model and the checkpoint on val; write metrics.json, CSV tables and PNG plots."""
+def run(checkpoint, card_path, fp32, int8, manifest, out_dir, p):
+    """Score the card's model and the checkpoint on val (and, under corruptions, export's ONNX `fp32` and the
+    deploy stage's `int8` of it); write metrics.json, CSV tables and PNG plots."""
     from stages.card import read_card
     torch.set_num_threads(p.threads)
     card = read_card(card_path)
@@ -210,7 +219,9 @@ def run(checkpoint, card_path, manifest, out_dir, p):
                 "left_out_class": left_out_class(torch.from_numpy(train_f).float(), train_y, val_f, labels, classes,
                                                  ckpt, fit.get("fit", {}).get("ood_k", trust.Targets.ood_k))}
     keep = corruption_subset(val_rows, p)
-    table = corrupted_accuracy(model, sess, x[keep], labels[keep], pp, p)
+    cols = {"onnx_fp32": runtime.session(fp32, p.threads), "onnx_int8": runtime.session(int8, p.threads)}
+    cols["deploy"] = cols.get(card["variant"], sess)     # the shipped file's logits are its source's
+    table = corrupted_accuracy(model, cols, x[keep], labels[keep], pp, p)
     m["robustness"] = robustness_summary(table, card["variant"], len(keep))
     write(out_dir, m, curve, table, logits, labels, fitted, p.bins, s_val, s_syn)
     return m
@@ -225,12 +236,16 @@ def corruption_subset(val_rows, p):
 
 
 def robustness_summary(table, variant, n):
-    """Mean relative accuracy over every corruption and severity, per model, and the deploy model's against
-    PyTorch's (the INT8 against FP32 comparison when the deploy model is INT8)."""
+    """Mean relative accuracy over every corruption and severity per model; the deploy model's accuracy against
+    PyTorch's and export's INT8 against its FP32 (mean difference, overall and per corruption)."""
     bad = [r for r in table if r["severity"]]
-    mean = {mdl: round(float(np.mean([r[f"{mdl}_relative"] for r in bad])), 4) for mdl in ("pytorch", "deploy")}
-    return {"images": n, "mean_relative_pytorch": mean["pytorch"], "mean_relative_deploy": mean["deploy"],
-            "deploy_minus_pytorch": round(float(np.mean([r["deploy"] - r["pytorch"] for r in bad])), 4),
+    cols = [c for c in table[0] if c not in ("corruption", "severity") and not c.endswith("_relative")]
+    diff = lambda a, b, rows=bad: round(float(np.mean([r[a] - r[b] for r in rows])), 4)  # noqa: E731
+    return {"images": n, **{f"mean_relative_{c}": round(float(np.mean([r[f"{c}_relative"] for r in bad])), 4)
+                            for c in cols},
+            "deploy_minus_pytorch": diff("deploy", "pytorch"), "int8_minus_fp32": diff("onnx_int8", "onnx_fp32"),
+            **{f"int8_minus_fp32_{c}": diff("onnx_int8", "onnx_fp32", [r for r in bad if r["corruption"] == c])
+               for c in CORRUPTIONS},
             "deploy_is_int8": "int8" in variant,
             **{f"{r['corruption']}_{r['severity']}_{mdl}": r[mdl] for r in table for mdl in ("pytorch", "deploy")}}
 
@@ -252,16 +267,16 @@ def write(out_dir, m, curve, table, logits, labels, fitted, bins, s_val, s_syn):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for a in ("--checkpoint", "--card", "--manifest", "--out"):
+    for a in ("--checkpoint", "--card", "--fp32", "--int8", "--manifest", "--out"):
         ap.add_argument(a, required=True)
     args = ap.parse_args()
-    m = run(args.checkpoint, args.card, args.manifest, args.out, load_section(Params, "trust"))
+    m = run(args.checkpoint, args.card, args.fp32, args.int8, args.manifest, args.out, load_section(Params, "trust"))
     c, a, o = m["calibration"], m["abstention"], m["ood"]
     print(f"trust: ECE {c['before']['ece']} -> {c['after']['ece']} (T {m['temperature']}); answered "
           f"{a['coverage']:.0%} of val at accuracy {a['accuracy_answered']} {a['accuracy_ci95']}; synthetic OOD "
           f"AUROC {o['synthetic_auroc']} (energy {o['synthetic_energy_auroc']}); corrupted accuracy "
-          f"{m['robustness']['mean_relative_deploy']} "
-          "of clean")
+          f"{m['robustness']['mean_relative_deploy']} of clean (INT8 minus FP32: "
+          f"{m['robustness']['int8_minus_fp32']:+.4f})")
 
 
 if __name__ == "__main__":

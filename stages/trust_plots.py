@@ -73,12 +73,15 @@ def ood_histogram(s_val, s_syn, threshold, ood, path):
 
 
 def corruptions(table, variant, path):
-    """Accuracy relative to clean per corruption and severity, PyTorch and the deploy model."""
+    """Accuracy relative to clean per corruption and severity: PyTorch, export's FP32 file and its INT8, and
+    the deploy model where it is neither (a pruned variant)."""
     names = [n for n in dict.fromkeys(r["corruption"] for r in table) if n != "clean"]
     fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 3.2), sharey=True)
+    labels = {"pytorch": "PyTorch FP32", "onnx_fp32": "onnx_fp32", "onnx_int8": "onnx_int8"}
+    labels[variant if variant in labels else "deploy"] = f"{variant} (shipped)"
     for ax, n in zip(np.atleast_1d(axes), names):
         rows = [table[0]] + [r for r in table if r["corruption"] == n]
-        for mdl, label in (("pytorch", "PyTorch FP32"), ("deploy", variant)):
+        for mdl, label in labels.items():
             ax.plot([r["severity"] for r in rows], [r[f"{mdl}_relative"] for r in rows], "o-", label=label)
         ax.set(title=n, xlabel="severity", xticks=[0, 1, 2, 3])
         ax.grid(alpha=0.3)

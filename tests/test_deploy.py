@@ -115,8 +115,13 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     assert np.isfinite(fitted.ood_above) and card["trust"]["fit"]["ood_bank_images"] == len(
         read_manifest(manifest, {"train"})[0])
     for d, facts in (("w1", {}), ("w2", {"git_rev": "f" * 40, "reason": "chosen, 9.9x", "metrics": {"x": 1}})):
-        deploy.write(tmp_path / d, onnx_path, {**card, **facts}, variants, report["reasons"], report)
+        deploy.write(tmp_path / d, onnx_path, out / "onnx_int8.onnx", {**card, **facts}, variants,
+                     report["reasons"], report)
     assert (tmp_path / "w1/model.onnx").read_bytes() == (tmp_path / "w2/model.onnx").read_bytes()
+    # export's INT8, kept for the trust stage though FP32 ships: INT8 operators, export's outputs
+    int8 = onnx.load(str(out / "onnx_int8.onnx"))
+    assert "QuantizeLinear" in {n.op_type for n in int8.graph.node}
+    assert [o.name for o in int8.graph.output] == [o.name for o in onnx.load(str(onnx_path)).graph.output]
 
     names = ["pytorch_fp32", "onnx_fp32", "onnx_int8", "pruned_fp32", "pruned_int8"]
     assert json.loads((out / "variants.json").read_text()) == variants and sorted(variants) == sorted(names)

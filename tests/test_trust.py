@@ -10,7 +10,7 @@ import onnxruntime
 import pytest
 import torch
 
-from stages import deploy, ood, runtime, trust, trust_eval
+from stages import deploy, loading, ood, quantize, runtime, trust, trust_eval, trust_fit
 from stages.checkpoint import load_model
 from stages.config import UserError
 
@@ -157,12 +157,15 @@ def deployed(tmp_path_factory):
     ckpt = torch.load(d / "train" / "model.pt", weights_only=True)
     (hold, _), (tr, _) = read_manifest(manifest, {"holdout"}), read_manifest(manifest, {"train"})
     p = deploy.Params(batch_size=8, trust={"ood_k": 3})
-    shipped, fitted, fit = deploy.trusted(model, ckpt, "onnx_fp32", d / "export" / "model.onnx", tr, hold,
-                                          deploy.tensors(hold, classes, pp, 8), d / "with_ood.onnx", p)
+    hold_x = loading.tensors(hold, classes, pp, 8)
+    shipped, fitted, fit = trust_fit.trusted(model, ckpt, "onnx_fp32", d / "export" / "model.onnx", tr, hold,
+                                             hold_x, d / "with_ood.onnx", p)
     card = {"model": (d / "deploy" / "model.onnx").as_posix(), "variant": "onnx_fp32", "classes": classes,
             "trust": {**dataclasses.asdict(fitted), "fit": fit}}
     (d / "deploy").mkdir()
     deploy.ship(shipped, d / "deploy" / "model.onnx", card)
+    quantize.quantize(d / "export" / "model.onnx", d / "deploy" / "onnx_int8.onnx",   # as deploy keeps it
+                      [x.numpy() for x, _ in hold_x], quantize.Settings())
     return d, write_card(d / "deploy" / "card.json", card), ckpt["selection"]["kept"]
 
 
@@ -186,7 +189,8 @@ def test_trust_stage_writes_metrics_tables_and_plots(deployed, tmp_path):
     d, card, _ = deployed
     p = trust_eval.Params(batch_size=8, synthetic_images=3, corruption_images=6)
     out = tmp_path / "trust"
-    m = trust_eval.run(d / "train" / "model.pt", d / "deploy" / "card.json", d / "prepare" / "manifest.csv", out, p)
+    m = trust_eval.run(d / "train" / "model.pt", d / "deploy" / "card.json", d / "export" / "model.onnx",
+                       d / "deploy" / "onnx_int8.onnx", d / "prepare" / "manifest.csv", out, p)
     assert json.loads((out / "metrics.json").read_text()) == m
     assert m["temperature"] == card["trust"]["temperature"] and m["val_images"] == 12
     for when in ("before", "after"):
@@ -201,7 +205,14 @@ def test_trust_stage_writes_metrics_tables_and_plots(deployed, tmp_path):
     assert set(o["left_out_class"]) == {"blue", "red"} and "energy_auroc" not in o["left_out_class"]["red"]
     rows = list(csv.DictReader(open(out / "corruptions.csv")))
     assert len(rows) == 1 + 6 * 3 and rows[0]["corruption"] == "clean" and float(rows[0]["pytorch_relative"]) == 1
-    assert m["robustness"]["images"] == 6 and not m["robustness"]["deploy_is_int8"]
+    r = m["robustness"]
+    assert r["images"] == 6 and not r["deploy_is_int8"]
+    for row in rows:       # FP32 ships here: its column is export's FP32 file's, and INT8 is scored beside it
+        assert row["deploy"] == row["onnx_fp32"] and 0 <= float(row["onnx_int8"]) <= 1
+    bad = [row for row in rows if row["severity"] != "0"]
+    assert r["int8_minus_fp32"] == round(np.mean([float(b["onnx_int8"]) - float(b["onnx_fp32"]) for b in bad]), 4)
+    assert {f"int8_minus_fp32_{c}" for c in trust_eval.CORRUPTIONS} <= set(r)
+    assert {f"mean_relative_{c}" for c in ("pytorch", "onnx_fp32", "onnx_int8", "deploy")} <= set(r)
     curve = list(csv.DictReader(open(out / "risk_coverage.csv")))
     assert len(curve) == 12 and float(curve[-1]["coverage"]) == 1.0
     for png in ("reliability", "risk_coverage", "ood_score", "corruptions"):
