@@ -15,8 +15,8 @@ TITLES = {"train": "1. Train recipe: the pipeline against the classic tutorial l
 HOW = {"train": "`benchmarks.recipes.compare`: `stages.train.run` (params.yaml `train`) against the classic loop",
        "scratch": "`benchmarks.recipes.scratch`: `stages.train.run` with `weights: none`, and the classic loop "
                   "from scratch",
-       "deploy": "`benchmarks.variants.run`: `stages.export.run`, `stages.prune.run`, `stages.deploy.variants`, "
-                 "`stages.deploy.measure` at each thread count",
+       "deploy": "`benchmarks.variants.run`: `stages.export.run`, `stages.prune.run`, `stages.candidates.variants`, "
+                 "`stages.candidates.measure` at each thread count",
        "overhead": "`benchmarks.overhead.run`: `dvc repro` and `python -m flows.pipeline` against "
                    "`flows.server.ensure`'s server",
        "serving": "`benchmarks.serving.run`: `stages.throughput.sweep`, `benchmarks.serve_bench` (`start_server`, `load`)"}

@@ -1,23 +1,21 @@
 """Part 3: the deploy variants of one checkpoint, built and measured by the deploy stage's own functions.
 
 PyTorch eager FP32, ONNX FP32 (`stages.export`), its static INT8, the pruned checkpoint (`stages.prune`) as ONNX
-FP32 and its INT8 (`stages.deploy.variants`); accuracy on val, file size, batch-1 latency p50/p99 and batch
-throughput (`stages.deploy.measure`: each variant in a process of its own, interleaved by round) at each thread
-count.
+FP32 and its INT8, and export's weights at each of `deploy.sizes` with its INT8 (`stages.candidates.variants`);
+accuracy on val, file size, batch-1 latency p50/p99 and batch throughput (`stages.candidates.measure`: each
+variant in a process of its own, interleaved by round) at each thread count.
 """
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from benchmarks.timing import section, wall
-from stages import deploy, export, loading, prune, quantize
+from stages import candidates, deploy, export, prune, quantize
 from stages.config import UserError
 from stages.manifest import read_manifest
 from stages.checkpoint import load_model
 
 THREADS = (1, 2)
-QUICK = {"deploy": dict(warmup=1, rounds=1, repeats=3, batch_repeats=1, batch_size=8, exclude_worst=0),
+QUICK = {"deploy": dict(warmup=1, rounds=1, repeats=3, batch_repeats=1, batch_size=8, exclude_worst=0, sizes=()),
          "int8": dict(calibration_size=8), "prune": dict(epochs=0)}
 
 
@@ -35,15 +33,12 @@ def build(checkpoint, manifest, work, dp, pp_):
     work = Path(work)
     export.run(checkpoint, manifest, work / "export", section(export.Params, "export"))
     report, prune_s = wall(prune.run, checkpoint, manifest, work / "prune", pp_, "cpu")
-    model, classes, pp = load_model(checkpoint)
     (hold, _), (train_rows, _) = (read_manifest(manifest, {s}) for s in ("holdout", "train"))
-    hold = loading.tensors(hold, classes, pp, dp.batch_size)
     n = max(quantize.settings(dp.int8, t).calibration_size for t in dp.tries)
     cal_rows = quantize.calibration_rows(train_rows, n, dp.seed)
-    cal_x = torch.cat([x for x, _ in loading.tensors(cal_rows, classes, pp, dp.batch_size)]).numpy()
     (work / "variants").mkdir(parents=True, exist_ok=True)
-    (files, int8), build_s = wall(deploy.variants, checkpoint, work / "export" / "model.onnx",
-                                  work / "prune" / "model.pt", work / "variants", cal_rows, cal_x, hold, dp)
+    (files, int8), build_s = wall(candidates.variants, checkpoint, work / "export" / "model.onnx",
+                                  work / "prune" / "model.pt", work / "variants", cal_rows, hold, dp)
     return files, {"prune": {k: v for k, v in report.items() if k != "recovery"}, "prune_s": round(prune_s, 1),
                    "int8": {k: {"kept_try": v["kept_try"], "settings": v["settings"]} for k, v in int8.items()},
                    "quantize_s": round(build_s, 1)}
@@ -55,10 +50,9 @@ def run(checkpoint, manifest, work, quick):
     files, info = build(checkpoint, manifest, work, dp, pp_)
     model, classes, pp = load_model(checkpoint)
     rows, _ = read_manifest(manifest, {"val"})
-    val = loading.tensors(rows, classes, pp, dp.batch_size)
     tables = {}
     for t in THREADS:
-        tables[t], _ = deploy.measure(model, classes, files, val, dataclasses.replace(dp, threads=t))
+        tables[t], _ = candidates.measure(model, classes, pp, files, rows, dataclasses.replace(dp, threads=t))
         print(f"bench: deploy variants measured at {t} thread(s)")
     try:
         chosen, reasons = deploy.select(tables[dp.threads if dp.threads in tables else THREADS[-1]], dp.budget)

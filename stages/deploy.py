@@ -1,10 +1,13 @@
 """deploy: the model to ship, chosen accuracy-aware: the fastest variant within an accuracy budget.
 
-Variants, all scored on the untouched val split against the PyTorch eager FP32 checkpoint: ONNX FP32 (export's
-file), its static INT8, the pruned checkpoint as ONNX FP32, and that one's INT8. An INT8 variant tries the
-`tries` settings in turn and keeps the first whose holdout top-1 agrees with its own FP32 source to
-`min_agreement` (no labels needed; val stays untouched). When none does, each module scope is left in FP32
-in turn to find the layers that break it, and the `exclude_worst` worst stay FP32 in one last try.
+Variants (stages/candidates.py), all scored on the untouched val split against the PyTorch eager FP32
+checkpoint: ONNX FP32 (export's file), its static INT8, the pruned checkpoint as ONNX FP32, and that one's INT8;
+and for each test size in `sizes`, export's weights at that size (`onnx_fp32_<px>`, fewer pixels: faster,
+perhaps less accurate) and its INT8, each file's preprocessing in its own metadata, so the server and batch
+prediction follow the one shipped. An INT8 variant tries the `tries` settings in turn and keeps the first whose
+holdout top-1 agrees with its own FP32 source to `min_agreement` (no labels needed; val stays untouched). When
+none does, each module scope is left in FP32 in turn to find the layers that break it, and the `exclude_worst`
+worst stay FP32 in one last try.
 
 Timing (stages/timing.py): every variant in a process of its own, at `threads` threads, in rotated rounds;
 `latency_ms_p50`, a single-image service's case, decides. The chosen file's serving limit over batch sizes and
@@ -23,25 +26,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
 
-from stages import loading, machine, quantize, runtime, throughput, timing, trust, trust_fit  # noqa: E402
+from stages import machine, quantize, runtime, throughput, timing, trust, trust_fit  # noqa: E402
+from stages.candidates import BASELINE, FALLBACK, inputs, measure, source, variants  # noqa: E402
 from stages.card import write_card  # noqa: E402
 from stages.checkpoint import load_checkpoint, load_model  # noqa: E402
 from stages.config import UserError, atomic_dir, cli, load_section, typed  # noqa: E402
-from stages.evaluate import scores  # noqa: E402
-from stages.export import parity, predict_onnx, to_onnx  # noqa: E402
-from stages.loading import predict  # noqa: E402
+from stages.export import parity  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
 
-BASELINE, FALLBACK = "pytorch_fp32", "onnx_fp32"
 # card facts kept out of the ONNX file's metadata: they change from run to run (timings, the git revision) or
 # come after it (its hash), and the same inputs and choice must give the same model bytes
 MEASURED = ("sha256", "git_rev", "reason", "metrics", "built_on", "serving")
-SOURCES = {"onnx_int8": "onnx_fp32", "pruned_int8": "pruned_fp32"}   # INT8 variant -> the FP32 it quantizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +65,7 @@ class Params:
     seed: int = 0
     trust: dict = dataclasses.field(default_factory=dict)   # stages.trust.Targets' fields
     serving: dict = dataclasses.field(default_factory=dict)  # stages.throughput.Sweep's fields
+    sizes: tuple = ()                  # more test sizes (px) of export's weights: onnx_fp32_<px>, onnx_int8_<px>
 
     def __post_init__(self):
         for name, cls in (("budget", Budget), ("trust", trust.Targets), ("serving", throughput.Sweep)):
@@ -76,6 +75,10 @@ class Params:
                 except (TypeError, ValueError) as e:
                     raise UserError(f"deploy.{name}: {e}") from None
         object.__setattr__(self, "tries", tuple(self.tries) or ({},))
+        object.__setattr__(self, "sizes", tuple(self.sizes))
+        if not all(isinstance(s, int) and 32 <= s <= 1024 for s in self.sizes) or len(set(self.sizes)) < len(
+                self.sizes):
+            raise UserError(f"deploy.sizes: distinct whole numbers of pixels, 32-1024, not {list(self.sizes)}")
         for t in self.tries:
             quantize.settings(self.int8, t)    # a misspelt key or value fails before any work
 
@@ -118,52 +121,6 @@ def git_rev():
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
 
 
-def score(logits, labels, ref, classes):
-    """A variant's accuracy, per-class recall deltas and parity against the reference logits `ref`."""
-    s, r = scores(logits.argmax(1), labels, classes), scores(ref.argmax(1), labels, classes)
-    par = parity(ref, logits)
-    return {"accuracy": s["accuracy"], "accuracy_drop": round(r["accuracy"] - s["accuracy"], 4),
-            "agreement": par["top1_agreement"], "max_logit_diff": round(par["max_abs_logit_diff"], 6),
-            **{f"recall_delta_{c}": round(s["per_class"][c]["recall"] - r["per_class"][c]["recall"], 4)
-               for c in classes}}
-
-
-def variants(checkpoint, onnx_path, pruned, work, cal_rows, cal_x, hold, p):
-    """{name: file} of every variant, and {INT8 name: its quantize.search record}."""
-    files, int8 = {BASELINE: Path(checkpoint), FALLBACK: Path(onnx_path)}, {}
-    if pruned:
-        ckpt = load_checkpoint(pruned)
-        model, classes, pp = load_model(ckpt)
-        files["pruned_fp32"] = work / "pruned_fp32.onnx"
-        to_onnx(model, classes, pp, files["pruned_fp32"],
-                {"backbone": ckpt["backbone"], "params": json.dumps(ckpt["params"])})
-    for n, src in SOURCES.items():
-        if src in files:
-            files[n], int8[n] = quantize.search(n, files[src], work, cal_rows, cal_x, hold, p)
-    return files, int8
-
-
-def measure(model, classes, files, val, p):
-    """The variant table (scores on val against the PyTorch logits, timings from `timing.bench`) and the logits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(p.threads)
-    try:
-        ref, labels = predict(model, val, "cpu")
-    finally:
-        torch.set_num_threads(before)
-    logits = {BASELINE: ref, **{n: predict_onnx(runtime.session(f, p.threads), val)[0]
-                                for n, f in files.items() if n != BASELINE}}
-    x = val[0][0].numpy()
-    timed = timing.bench(files, x[:1], np.resize(x, (p.batch_size, *x.shape[1:])), p)
-    base = timed[BASELINE]["latency_ms_p50"]
-    table = {n: {**score(v, labels, ref, classes), **timed[n],
-                 "speedup_b1": round(base / timed[n]["latency_ms_p50"], 2),
-                 "speedup_fp32_q1": timing.paired_speedup(timed[n], timed[FALLBACK])[0],   # what `select` uses
-                 "size_mb": round(files[n].stat().st_size / 2**20, 3)}
-             for n, v in logits.items()}
-    return table, logits
-
-
 def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
     """Build, score, time, choose; write model.onnx, card.json, variants.json/.csv, tradeoff.png, report.json."""
     ckpt = load_checkpoint(checkpoint)
@@ -171,27 +128,28 @@ def run(checkpoint, onnx_path, pruned, manifest, out_dir, p):
     (val_rows, _), (hold_rows, _), (train, _) = (read_manifest(manifest, {s}) for s in ("val", "holdout", "train"))
     if not val_rows or not hold_rows or not train:
         raise UserError(f"{manifest}: deploy needs images in the train, holdout and val splits")
-    val, hold = loading.tensors(val_rows, classes, pp, p.batch_size), loading.tensors(hold_rows, classes, pp, p.batch_size)
-    n_cal = max(quantize.settings(p.int8, t).calibration_size for t in p.tries)
-    cal_rows = quantize.calibration_rows(train, n_cal, p.seed)
-    cal_x = torch.cat([x for x, _ in loading.tensors(cal_rows, classes, pp, p.batch_size)]).numpy()
+    cal_rows = quantize.calibration_rows(train, max(quantize.settings(p.int8, t).calibration_size for t in p.tries),
+                                         p.seed)
     with tempfile.TemporaryDirectory(prefix="deploy-") as work:
-        files, int8 = variants(checkpoint, onnx_path, pruned, Path(work), cal_rows, cal_x, hold, p)
-        table, logits = measure(model, classes, files, val, p)
+        files, int8 = variants(checkpoint, onnx_path, pruned, Path(work), cal_rows, hold_rows, p)
+        table, logits = measure(model, classes, pp, files, val_rows, p)
         chosen, reasons = select(table, p.budget)
-        shipped, fitted, fit = trust_fit.trusted(model, ckpt, chosen, files[chosen], train, hold_rows, hold,
-                                       Path(work) / "shipped.onnx", p)
+        shipped, fitted, fit = trust_fit.trusted(model, ckpt, chosen, files[chosen], train, hold_rows,
+                                                 Path(work) / "shipped.onnx", p)
+        shipped_pp = runtime.metadata(runtime.session(shipped))[1]     # the chosen file's, its size included
         serving = throughput.measure(shipped, [Path(r["path"]).read_bytes()
                                                for r in val_rows[:p.serving.images]], p.serving)
         for n, v in table.items():
             v.update(within_budget=int(n == chosen or reasons[n].startswith("within")), chosen=int(n == chosen))
         for n, rec in int8.items():            # what quantization alone costs, against its own FP32 source
-            rec["val_agreement_with_source"] = parity(logits[SOURCES[n]], logits[n])["top1_agreement"]
+            rec["val_agreement_with_source"] = parity(logits[source(n)], logits[n])["top1_agreement"]
             if p.diagnose and rec["val_agreement_with_source"] < p.budget.min_agreement and not rec["diagnosis"]:
-                rec["diagnosis"] = quantize.diagnose(files[SOURCES[n]], Path(work), cal_x,
+                cal_x, hold = inputs(cal_rows, hold_rows, classes, runtime.metadata(runtime.session(files[n]))[1],
+                                     p.batch_size)
+                rec["diagnosis"] = quantize.diagnose(files[source(n)], Path(work), cal_x,
                                                      quantize.settings(rec["settings"]), hold, p.threads)
         card = {"model": (Path(out_dir) / "model.onnx").as_posix(), "sha256": None, "variant": chosen,
-                "reason": reasons[chosen], "classes": classes, "preprocessing": dataclasses.asdict(pp),
+                "reason": reasons[chosen], "classes": classes, "preprocessing": dataclasses.asdict(shipped_pp),
                 "backbone": ckpt["backbone"], "calibration_sha256": int8.get(chosen, {}).get("calibration_sha256"),
                 "quantization": int8.get(chosen, {}).get("settings"), "git_rev": git_rev(),
                 "params": {"train": ckpt["params"], "deploy": dataclasses.asdict(p), "prune": (

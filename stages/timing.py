@@ -66,22 +66,23 @@ def paired_speedup(v, base):
     return round(float(np.percentile(a / b, 25)), 3), len(a)
 
 
-def rounds(workers, x, repeats, p):
-    """{variant: seconds per call}: `p.warmup` untimed calls each, then `p.rounds` rounds of `repeats` calls
-    per variant, the order rotated every round so that no variant always goes first."""
+def rounds(workers, xs, repeats, p):
+    """{variant: seconds per call} on its input `xs[variant]`: `p.warmup` untimed calls each, then `p.rounds`
+    rounds of `repeats` calls per variant, the order rotated every round so that no variant always goes first."""
     names, out = list(workers), {n: [] for n in workers}
     for n in names:
-        workers[n].submit(calls, x, p.warmup).result()
+        workers[n].submit(calls, xs[n], p.warmup).result()
     for r in range(p.rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            out[n] += workers[n].submit(calls, x, repeats).result()
+            out[n] += workers[n].submit(calls, xs[n], repeats).result()
     return out
 
 
 def bench(files, x1, xb, p):
-    """Per variant file: batch-1 latency (ms), full-batch throughput (images/s), then batch-1 latency again,
-    each variant in a fresh process of its own (see the module's docstring). `latency_ms_rounds`: the median
-    batch-1 latency of each of the 2 x `p.rounds` rounds, for `paired_speedup`."""
+    """Per variant file: batch-1 latency (ms) on `x1[variant]`, full-batch throughput (images/s) on
+    `xb[variant]` (each at the variant's own input size), then batch-1 latency again, each variant in a fresh
+    process of its own (see the module's docstring). `latency_ms_rounds`: the median batch-1 latency of each
+    of the 2 x `p.rounds` rounds, for `paired_speedup`."""
     spawn = multiprocessing.get_context("spawn")
     workers = {n: ProcessPoolExecutor(1, spawn, load, (str(f), p.threads)) for n, f in files.items()}
     try:
@@ -98,7 +99,6 @@ def bench(files, x1, xb, p):
                 "latency_ms_p99": r2(np.percentile(ms[n], 99)),
                 "latency_ms_min": r2(ms[n].min()), "latency_ms_max": r2(ms[n].max()),
                 "latency_ms_p50_after_batch": r2(np.median(again[n]) * 1e3),
-                "throughput_b1": r2(1 / np.median(lat[n])), f"throughput_b{len(xb)}": r2(len(xb) / np.median(thr[n])),
-                f"throughput_b{len(xb)}_min": r2(len(xb) / max(thr[n])),
-                f"throughput_b{len(xb)}_max": r2(len(xb) / min(thr[n]))}
-            for n in files}
+                "throughput_b1": r2(1 / np.median(lat[n])), f"throughput_b{b}": r2(b / np.median(thr[n])),
+                f"throughput_b{b}_min": r2(b / max(thr[n])), f"throughput_b{b}_max": r2(b / min(thr[n]))}
+            for n, b in ((n, len(xb[n])) for n in files)}

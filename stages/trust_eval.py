@@ -102,7 +102,7 @@ def calibration(logits, labels, t, bins):
 def wilson(k, n):
     from scipy.stats import binomtest
     ci = binomtest(k, n).proportion_ci(0.95, method="wilson") if n else None
-    return [round(ci.low, 4), round(ci.high, 4)] if ci else [0.0, 1.0]
+    return [round(float(ci.low), 4), round(float(ci.high), 4)] if ci else [0.0, 1.0]
 
 
 def abstention(logits, scores, labels, fitted, target):
@@ -149,26 +149,26 @@ def left_out_class(train_f, train_y, val_f, val_y, classes, ckpt, k):
     return out
 
 
-def corrupted_accuracy(model, sessions, x, labels, pp, p):
+def corrupted_accuracy(model, x, sessions, labels, pp, p):
     """[{corruption, severity, pytorch, one column per `sessions` entry, each also relative to clean}] val
-    accuracy, severity 0 the clean images; `sessions` {column: ONNX Runtime session}."""
+    accuracy, severity 0 the clean images: PyTorch on `x`, `sessions` {column: (ONNX Runtime session, its own
+    val batch, at the file's input size)}. Each corruption is seeded alike for every column."""
     mean, std = torch.tensor(pp.mean).view(1, 3, 1, 1), torch.tensor(pp.std).view(1, 3, 1, 1)
-    clean, rows = (x * std + mean).clamp(0, 1), []
     acc = lambda z: round(float((np.asarray(z).argmax(1) == labels).mean()), 4)  # noqa: E731
+    views, rows = {"pytorch": (None, x), **sessions}, []
     for name, (fn, levels) in [("clean", (None, (0,)))] + list(CORRUPTIONS.items()):
         for i, s in enumerate(levels):
-            torch.manual_seed(p.seed)
-            xc = x if fn is None else (fn(clean, s) - mean) / std
-            row, seen = {"corruption": name, "severity": i + (fn is not None),
-                         "pytorch": acc(torch_out(model, xc, p.batch_size)[1])}, {}
-            for col, sess in sessions.items():     # a session in two columns (deploy is one of them) runs once
-                if id(sess) not in seen:
-                    seen[id(sess)] = acc(onnx_logits(sess, xc, p.batch_size))
-                row[col] = seen[id(sess)]
+            row, seen = {"corruption": name, "severity": i + (fn is not None)}, {}
+            for col, (sess, xv) in views.items():     # a (session, batch) in two columns runs once
+                if (id(sess), id(xv)) not in seen:
+                    torch.manual_seed(p.seed)
+                    xc = xv if fn is None else (fn((xv * std + mean).clamp(0, 1), s) - mean) / std
+                    seen[id(sess), id(xv)] = acc(torch_out(model, xc, p.batch_size)[1] if sess is None
+                                                 else onnx_logits(sess, xc, p.batch_size))
+                row[col] = seen[id(sess), id(xv)]
             rows.append(row)
-    cols = ["pytorch", *sessions]
     for r in rows:
-        r.update({f"{m}_relative": round(r[m] / max(rows[0][m], 1e-9), 4) for m in cols})
+        r.update({f"{m}_relative": round(r[m] / max(rows[0][m], 1e-9), 4) for m in views})
     return rows
 
 
@@ -190,7 +190,10 @@ def run(checkpoint, card_path, fp32, int8, manifest, out_dir, p):
     x, y = (torch.cat(t) for t in zip(*loader(val_rows, classes, tf, p.batch_size)))
     labels = y.numpy()
     val_f, pt_logits = torch_out(model, x, p.batch_size)
-    logits, s_val = onnx_out(sess, x, p.batch_size)
+    dep_pp = runtime.metadata(sess)[1]                # a deploy variant may test at a size of its own
+    tf_dep = presets.eval_transform(dep_pp)
+    x_dep = x if dep_pp == pp else torch.cat([b for b, _ in loader(val_rows, classes, tf_dep, p.batch_size)])
+    logits, s_val = onnx_out(sess, x_dep, p.batch_size)
     if s_val is None:
         raise UserError(f"{card['model']} has no {runtime.OOD!r} output: re-run the deploy stage, which adds it")
     fit = card.get("trust", {})
@@ -198,10 +201,10 @@ def run(checkpoint, card_path, fp32, int8, manifest, out_dir, p):
          "calibration": calibration(logits, labels, fitted.temperature, p.bins),
          "pytorch_vs_deploy_max_prob_diff": round(float(np.abs(
              trust.probabilities(pt_logits.numpy(), fitted.temperature)
-             - trust.probabilities(logits, fitted.temperature)).max()), 6)}
+             - trust.probabilities(logits, fitted.temperature)).max()), 6) if dep_pp == pp else None}
     m["abstention"], curve = abstention(logits, s_val, labels, fitted, fit.get("fit", {}).get("target_accuracy"))
     syn = synthetic(p.synthetic_images, p.seed)
-    syn_x = {k: torch.stack([tf(im) for im in v]) for k, v in syn.items()}
+    syn_x = {k: torch.stack([tf_dep(im) for im in v]) for k, v in syn.items()}
     out_syn = {k: onnx_out(sess, v, p.batch_size) for k, v in syn_x.items()}
     s_syn = {k: s for k, (_, s) in out_syn.items()}
     e_val = trust.energy(logits, fitted.temperature)
@@ -219,9 +222,10 @@ def run(checkpoint, card_path, fp32, int8, manifest, out_dir, p):
                 "left_out_class": left_out_class(torch.from_numpy(train_f).float(), train_y, val_f, labels, classes,
                                                  ckpt, fit.get("fit", {}).get("ood_k", trust.Targets.ood_k))}
     keep = corruption_subset(val_rows, p)
-    cols = {"onnx_fp32": runtime.session(fp32, p.threads), "onnx_int8": runtime.session(int8, p.threads)}
-    cols["deploy"] = cols.get(card["variant"], sess)     # the shipped file's logits are its source's
-    table = corrupted_accuracy(model, cols, x[keep], labels[keep], pp, p)
+    cols = {"onnx_fp32": (runtime.session(fp32, p.threads), x[keep]),
+            "onnx_int8": (runtime.session(int8, p.threads), x[keep])}
+    cols["deploy"] = cols.get(card["variant"], (sess, x_dep[keep]))   # the shipped file's logits are its source's
+    table = corrupted_accuracy(model, x[keep], cols, labels[keep], pp, p)
     m["robustness"] = robustness_summary(table, card["variant"], len(keep))
     write(out_dir, m, curve, table, logits, labels, fitted, p.bins, s_val, s_syn)
     return m
@@ -240,7 +244,7 @@ def robustness_summary(table, variant, n):
     PyTorch's and export's INT8 against its FP32 (mean difference, overall and per corruption)."""
     bad = [r for r in table if r["severity"]]
     cols = [c for c in table[0] if c not in ("corruption", "severity") and not c.endswith("_relative")]
-    diff = lambda a, b, rows=bad: round(float(np.mean([r[a] - r[b] for r in rows])), 4)  # noqa: E731
+    diff = lambda a, b, rows=bad: round(float(np.mean([r[a] - r[b] for r in rows])), 4) + 0.0  # no -0.0  # noqa: E731
     return {"images": n, **{f"mean_relative_{c}": round(float(np.mean([r[f"{c}_relative"] for r in bad])), 4)
                             for c in cols},
             "deploy_minus_pytorch": diff("deploy", "pytorch"), "int8_minus_fp32": diff("onnx_int8", "onnx_fp32"),

@@ -17,17 +17,18 @@ from stages.train import Params as TrainParams, probe_features
 TRUST_FOLDS = 10
 
 
-def heldout_logits(model, ckpt, chosen, chosen_file, hold, rows, classes, p):
+def heldout_logits(model, ckpt, chosen, chosen_file, hold, rows, classes, pp, p):
     """(logits, labels) of images the shipped model was not fitted on, for `trust.fit`: the chosen file's on
     holdout; but a probe refitted on train + holdout (the probe kept, and the variant not pruned: pruning refits
     its own head and body) has seen holdout, and its holdout logits are overconfident, so then out-of-fold probe
-    logits over train + holdout on the frozen body, at train's C per row and at least TRUST_FOLDS folds
-    (PyTorch: the FP32 ONNX file's to 1e-5; an INT8 file's differ by its rounding)."""
+    logits over train + holdout on the frozen body, at train's C per row and at least TRUST_FOLDS folds, the
+    chosen file's preprocessing `pp` (PyTorch: the FP32 ONNX file's to 1e-5; an INT8 file's differ by its
+    rounding)."""
     sel, tp = ckpt.get("selection", {}), ckpt["params"]
     if sel.get("kept") != "linear_probe" or chosen.startswith("pruned"):
         return predict_onnx(runtime.session(chosen_file, p.threads), hold)
     x, y, _ = probe_features(model, rows, classes, TrainParams(batch_size=p.batch_size, seed=tp["seed"]), "cpu",
-                             [presets.eval_transform(presets.Preprocessing.from_json(ckpt["preprocessing"]))])
+                             [presets.eval_transform(pp)])
     out = probe.out_of_fold(x, y, sel.get("lp_c", 1.0), max(tp["lp_folds"], TRUST_FOLDS), tp["seed"],
                             tp["balance"] != "none", per_row=True)
     return torch.from_numpy(out), torch.from_numpy(y)
@@ -49,13 +50,15 @@ def with_ood(chosen_file, train, classes, pp, path, p):
     return path, len(bank)
 
 
-def trusted(model, ckpt, chosen, chosen_file, train, hold_rows, hold, path, p):
+def trusted(model, ckpt, chosen, chosen_file, train, hold_rows, path, p):
     """(`path`, Trust, fit report): the chosen file with its OOD output, and the trust settings fitted on
-    holdout (its logits as `heldout_logits` picks them; its OOD scores through the new file)."""
-    classes, pp = ckpt["classes"], presets.Preprocessing.from_json(ckpt["preprocessing"])
+    holdout (its logits as `heldout_logits` picks them; its OOD scores through the new file), every image
+    preprocessed as the file's metadata says (a deploy variant may test at another size than training's)."""
+    classes, pp = runtime.metadata(runtime.session(chosen_file))
+    hold = loading.tensors(hold_rows, classes, pp, p.batch_size)
     path, bank_images = with_ood(chosen_file, train, classes, pp, path, p)
     sess = runtime.session(path, p.threads)
     scores = np.concatenate([sess.run([runtime.OOD], {runtime.INPUT: x.numpy()})[0] for x, _ in hold])
-    logits, labels = heldout_logits(model, ckpt, chosen, chosen_file, hold, train + hold_rows, classes, p)
+    logits, labels = heldout_logits(model, ckpt, chosen, chosen_file, hold, train + hold_rows, classes, pp, p)
     fitted, fit = trust.fit(logits.numpy(), labels.numpy(), p.trust, scores)
     return path, fitted, {**fit, "ood_bank_images": bank_images}

@@ -82,7 +82,8 @@ def corruptions(table, variant, path):
     for ax, n in zip(np.atleast_1d(axes), names):
         rows = [table[0]] + [r for r in table if r["corruption"] == n]
         for mdl, label in labels.items():
-            ax.plot([r["severity"] for r in rows], [r[f"{mdl}_relative"] for r in rows], "o-", label=label)
+            ax.plot([r["severity"] for r in rows], [r[f"{mdl}_relative"] for r in rows], "o" + "-:"[mdl == "pytorch"],
+                    label=label, zorder=3 * (mdl == "pytorch"))     # dotted, on top: ONNX FP32 often coincides
         ax.set(title=n, xlabel="severity", xticks=[0, 1, 2, 3])
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("val accuracy / clean")

@@ -122,7 +122,7 @@ def reproduced(tmp_path_factory):
                train={"ft_epochs": 1, "batch_size": 8, "select": "best"},
                orchestrate={"retries": 0}, prune={"epochs": 0},
                deploy={"rounds": 1, "repeats": 3, "batch_repeats": 1, "warmup": 1, "tries": [{}],
-                       "exclude_worst": 0, "diagnose": False,
+                       "exclude_worst": 0, "diagnose": False, "sizes": [],
                        "serving": {"seconds": 0.1, "rounds": 1, "batches": [1, 4]}})
     sh(repo, "git", "init", "-q")
     out = sh(repo, "dvc", "repro").stdout

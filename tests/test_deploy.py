@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from stages import deploy, export, machine, presets, prune, quantize, runtime, throughput, trust
+from stages import candidates, deploy, export, machine, presets, prune, quantize, runtime, throughput, trust
 from stages.config import UserError
 from stages.manifest import read_manifest
 from stages.train import loader
@@ -179,6 +179,33 @@ def test_deploy_writes_a_verified_card_and_the_variant_table(tmp_path, manifest,
     assert {n.name for n in last.graph.node} >= set(excluded)
     for node in (n for n in last.graph.node if n.name in excluded and n.op_type == "Conv"):
         assert node.input[1] not in dequantized                              # its weights stayed FP32
+
+
+def test_a_lower_test_size_is_a_variant_whose_size_travels_in_its_file(tmp_path, manifest, checkpoint):
+    """`deploy.sizes`: export's weights again at 128 px (the tiny backbone's own is 160), and its INT8 calibrated
+    at 128; scored and timed at that size; once shipped, the file's metadata and input say 128, which is what
+    the server, batch prediction and the trust stage read."""
+    from stages import trust_fit
+    from stages.checkpoint import load_checkpoint, load_model
+
+    export.run(checkpoint, manifest, tmp_path / "export", export.Params(max_logit_diff=1e-3))
+    p = deploy.Params(**{**FAST, "tries": ({},), "exclude_worst": 0}, sizes=(128,))
+    (hold, _), (train_rows, _), (val, _) = (read_manifest(manifest, {s}) for s in ("holdout", "train", "val"))
+    cal = quantize.calibration_rows(train_rows, 8)
+    files, int8 = candidates.variants(checkpoint, tmp_path / "export" / "model.onnx", None, tmp_path, cal, hold, p)
+    assert sorted(files) == ["onnx_fp32", "onnx_fp32_128", "onnx_int8", "onnx_int8_128", "pytorch_fp32"]
+    size = {n: runtime.metadata(runtime.session(f))[1].input_size for n, f in files.items() if n != "pytorch_fp32"}
+    assert size == {"onnx_fp32": 160, "onnx_int8": 160, "onnx_fp32_128": 128, "onnx_int8_128": 128}
+    assert int8["onnx_int8_128"]["tries"][0]["holdout_images"] == len(hold)
+    model, classes, pp = load_model(checkpoint)
+    table, _ = candidates.measure(model, classes, pp, files, val, p)
+    assert {n: v["input_size"] for n, v in table.items()} == {**size, "pytorch_fp32": 160}
+    assert all(v["latency_ms_p50"] > 0 and 0 <= v["accuracy"] <= 1 for v in table.values())
+    shipped, fitted, fit = trust_fit.trusted(model, load_checkpoint(checkpoint), "onnx_fp32_128",
+                                             files["onnx_fp32_128"], train_rows, hold, tmp_path / "shipped.onnx", p)
+    sess = runtime.session(shipped)
+    assert runtime.metadata(sess)[1] == pp.at_size(128) and sess.get_inputs()[0].shape[2:] == [128, 128]
+    assert fit["images"] > 0 and np.isfinite(fitted.ood_above)
 
 
 @pytest.mark.slow

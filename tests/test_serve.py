@@ -445,15 +445,14 @@ def test_predict_folder_writes_every_file_and_matches_offline(card, tmp_path):
 def trusted(card, tmp_path_factory):
     """The tiny model shipped as the deploy stage ships it: its OOD output added and trust fitted on holdout
     (`trust_fit.trusted`), written into the ONNX metadata (`deploy.ship`), with its card."""
-    from stages import deploy, loading, trust_fit
+    from stages import deploy, trust_fit
     d, ckpt_path = tmp_path_factory.mktemp("trusted"), card.parent.parent / "train" / "model.pt"
     manifest = card.parent.parent / "prepare" / "manifest.csv"
     model, classes, pp = load_model(ckpt_path)
     (hold, _), (tr, _) = read_manifest(manifest, {"holdout"}), read_manifest(manifest, {"train"})
     p = deploy.Params(batch_size=8)
     shipped, fitted, _ = trust_fit.trusted(model, torch.load(ckpt_path, weights_only=True), "onnx_fp32",
-                                           card.parent / "model.onnx", tr, hold,
-                                           loading.tensors(hold, classes, pp, 8), d / "with_ood.onnx", p)
+                                           card.parent / "model.onnx", tr, hold, d / "with_ood.onnx", p)
     facts = {"model": (d / "model.onnx").as_posix(), "variant": "onnx_fp32", "trust": dataclasses.asdict(fitted)}
     deploy.ship(shipped, d / "model.onnx", facts)
     return write_card(d / "card.json", d / "model.onnx", trust=facts["trust"]), fitted

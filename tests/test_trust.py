@@ -159,7 +159,7 @@ def deployed(tmp_path_factory):
     p = deploy.Params(batch_size=8, trust={"ood_k": 3})
     hold_x = loading.tensors(hold, classes, pp, 8)
     shipped, fitted, fit = trust_fit.trusted(model, ckpt, "onnx_fp32", d / "export" / "model.onnx", tr, hold,
-                                             hold_x, d / "with_ood.onnx", p)
+                                             d / "with_ood.onnx", p)
     card = {"model": (d / "deploy" / "model.onnx").as_posix(), "variant": "onnx_fp32", "classes": classes,
             "trust": {**dataclasses.asdict(fitted), "fit": fit}}
     (d / "deploy").mkdir()
@@ -217,6 +217,35 @@ def test_trust_stage_writes_metrics_tables_and_plots(deployed, tmp_path):
     assert len(curve) == 12 and float(curve[-1]["coverage"]) == 1.0
     for png in ("reliability", "risk_coverage", "ood_score", "corruptions"):
         assert (out / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trust_stage_scores_a_deploy_model_at_a_test_size_of_its_own(deployed, tmp_path):
+    """A deploy variant at 128 px (`deploy.sizes`; the checkpoint's is 160): val, the generated images and the
+    deploy model's corrupted copies are preprocessed at the file's size, PyTorch and export's files at theirs."""
+    from stages import export
+    from stages.card import write_card
+    from stages.manifest import read_manifest
+
+    d, _, _ = deployed
+    model, classes, pp = load_model(d / "train" / "model.pt")
+    ckpt = torch.load(d / "train" / "model.pt", weights_only=True)
+    export.to_onnx(model, classes, pp.at_size(128), tmp_path / "onnx_fp32_128.onnx")
+    (hold, _), (tr, _) = (read_manifest(d / "prepare" / "manifest.csv", {s}) for s in ("holdout", "train"))
+    shipped, fitted, fit = trust_fit.trusted(model, ckpt, "onnx_fp32_128", tmp_path / "onnx_fp32_128.onnx", tr,
+                                             hold, tmp_path / "with_ood.onnx", deploy.Params(batch_size=8,
+                                                                                              trust={"ood_k": 3}))
+    card = {"model": (tmp_path / "model.onnx").as_posix(), "variant": "onnx_fp32_128", "classes": classes,
+            "preprocessing": dataclasses.asdict(pp.at_size(128)), "trust": {**dataclasses.asdict(fitted), "fit": fit}}
+    deploy.ship(shipped, tmp_path / "model.onnx", card)
+    write_card(tmp_path / "card.json", card)
+    m = trust_eval.run(d / "train" / "model.pt", tmp_path / "card.json", d / "export" / "model.onnx",
+                       d / "deploy" / "onnx_int8.onnx", d / "prepare" / "manifest.csv", tmp_path / "trust",
+                       trust_eval.Params(batch_size=8, synthetic_images=2, corruption_images=4))
+    assert m["variant"] == "onnx_fp32_128" and m["pytorch_vs_deploy_max_prob_diff"] is None   # not one size
+    assert m["ood"]["synthetic_images"] == 8 and 0 <= m["calibration"]["after"]["ece"] <= 1
+    rows = list(csv.DictReader(open(tmp_path / "trust" / "corruptions.csv")))
+    assert len(rows) == 19 and {"pytorch", "onnx_fp32", "onnx_int8", "deploy"} <= set(rows[0])
+    assert m["robustness"]["images"] == 4 and "mean_relative_deploy" in m["robustness"]
 
 
 def test_out_of_fold_probes_matched_per_row_are_as_confident_as_the_probe_on_all_rows():
