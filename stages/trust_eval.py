@@ -79,9 +79,13 @@ def onnx_logits(sess, x, batch_size):
 
 
 def torch_out(model, x, batch_size):
-    """(features, logits) of the PyTorch model: one pass through the body, then the head."""
-    with torch.no_grad():
-        f = torch.cat([model.body(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    """(features, logits) of the PyTorch model: one pass through the body, then the head. Channels-last
+    (model and batches): eager convolutions on the CPU run 1.8x faster so (Lite0 at 256 px, 2 threads: 29
+    against 51 ms an image, Intel Xeon AVX-512), and the corruption table is this stage's main cost."""
+    model = model.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        f = torch.cat([model.body(x[i:i + batch_size].contiguous(memory_format=torch.channels_last))
+                       for i in range(0, len(x), batch_size)])
         return f, model.head(f)
 
 
