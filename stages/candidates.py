@@ -49,11 +49,10 @@ def variants(checkpoint, onnx_path, pruned, work, cal_rows, hold_rows, p):
         files[n], pps[n] = work / f"{n}.onnx", pp.at_size(size)
         to_onnx(model, classes, pps[n], files[n], extra)
     int8, decoded = {}, {}
-    for src in list(pps):
+    for src, q in [(n, source(n, inverse=True)) for n in pps]:
         if pps[src] not in decoded:
             decoded[pps[src]] = inputs(cal_rows, hold_rows, classes, pps[src], p.batch_size)
-        files[source(src, True)], int8[source(src, True)] = quantize.search(
-            source(src, True), files[src], work, cal_rows, *decoded[pps[src]], p)
+        files[q], int8[q] = quantize.search(q, files[src], work, cal_rows, *decoded[pps[src]], p)
     return files, int8
 
 
