@@ -108,12 +108,14 @@ def metrics_section(m):
 def labels_section(lab, m, p):
     issues = read_csv(Path(lab) / "issues.csv")
     head = (f"<p>{m['suspects']} suspected mislabels among {m['train_holdout_images']} train/holdout images "
-            f"(rule <code>labels.label_issue: {esc(m['rule'])}</code>, {m['dropped']} left out of training); "
+            f"(the out-of-sample probe puts them in another class), {m['confident']} of them confident "
+            f"(<code>{esc(m['filter_by'])}</code>; rule <code>labels.label_issue: {esc(m['rule'])}</code>, "
+            f"{m['dropped']} left out of training); "
             f"{m['val_suspects']} of {m['val_images']} val images (reported, never dropped). Out-of-sample "
             f"probe accuracy {m['oof_accuracy']}.</p>")
     if not issues:
         return head + '<p class="note">no suspected label issues</p>'
-    cols = ["rank", "split", "label", "suggested", "label_quality", "action", "path"]
+    cols = ["rank", "split", "label", "suggested", "label_quality", "confident", "action", "path"]
     more = f'<p class="note">{len(issues) - p.max_rows} more in issues.csv</p>' if len(issues) > p.max_rows else ""
     return head + table(issues[:p.max_rows], cols, p.thumb_px) + more
 
@@ -165,7 +167,7 @@ def run(out_dir, evaluate, labels, explain, deploy, trust, p):
         section("trust", "Trust and robustness", trust_section(trust)),
     ]
     line = (f"val accuracy {ev['pytorch']['accuracy']:.4f}; {lab['suspects']} suspected mislabels in "
-            f"train/holdout ({lab['dropped']} dropped), {lab['val_suspects']} in val; "
+            f"train/holdout ({lab['confident']} confident, {lab['dropped']} dropped), {lab['val_suspects']} in val; "
             f"{exp['misclassified']} val errors explained")
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Run report</title>"
             f"<style>{CSS}</style></head><body><h1>Run report</h1><p id=\"summary\">{esc(line)}</p>"

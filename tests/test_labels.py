@@ -47,8 +47,11 @@ def test_the_flipped_labels_lead_the_list_and_drop_leaves_them_out(tmp_path, fli
     val = [r for r in issues if r["split"] == "val"]
     assert [r["path"].rpartition("/")[2] for r in val] == ["blue_in_red.png"]     # reported, never dropped
     assert val[0]["action"] == "report" and val[0]["suggested"] == "blue"
+    # only the ones confident learning also flags are dropped; the rest of the list is kept for a person to look at
     excluded = {r["path"] for r in read(tmp_path / "l" / "exclude.csv")}
-    assert excluded == {r["path"] for r in ranked} and metrics["dropped"] == len(ranked) == metrics["suspects"]
+    assert excluded == {r["path"] for r in ranked if r["confident"] == "yes"} and wrong <= excluded
+    assert {r["action"] for r in ranked if r["confident"] == "no"} <= {"keep"}
+    assert metrics["dropped"] == len(excluded) == metrics["confident"] <= metrics["suspects"] == len(ranked)
     assert (tmp_path / "l" / "suspects.png").read_bytes()[:4] == b"\x89PNG"
     # train leaves the excluded rows out before anything else: with every holdout image excluded, it stops
     hold, _ = read_manifest(manifest, {"holdout"})
