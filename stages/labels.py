@@ -75,8 +75,6 @@ def ranked_issues(y, probs, filter_by):
         return np.array([], dtype=int), np.array([], dtype=bool)
     confident = find_label_issues(y, probs, filter_by=filter_by, n_jobs=1)
     listed = np.flatnonzero(confident | find_label_issues(y, probs, filter_by="predicted_neq_given", n_jobs=1))
-    if not listed.size:
-        return listed, confident[listed]
     order = listed[np.argsort(get_label_quality_scores(y, probs, method="self_confidence")[listed], kind="stable")]
     return order, confident[order]
 
