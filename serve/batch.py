@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from serve.model import InputError, Model, Params, preprocess, top_k
+from serve.model import InputError, Model, Params, policy, preprocess, top_k
+from stages import throughput
 from stages.card import write_card
 from stages.config import UserError, atomic_write, cli, load_section
 
@@ -37,6 +38,8 @@ SCHEMA = pa.schema([("path", pa.string()), ("top1", pa.string()), ("probability"
 COLUMNS = {PREDICTIONS: ["path", "top1", "probability", "top_k_classes", "top_k_probabilities", "abstained",
                          "reason"],
            ERRORS: ["path", "kind", "error"]}
+ROWS = 32       # rows per Ray Data batch: one task call decodes them, one actor call scores them (in ONNX Runtime
+#                 calls of `batch_size`): large enough that Ray's cost per call is small against the images' cost
 
 
 def filesystem(uri):
@@ -97,20 +100,22 @@ def read_and_preprocess(batch, fs, root, transform, p, shape):
 class Scorer:
     """A Ray actor: the card's model in ONNX Runtime, rows of network input -> top-k classes and probabilities."""
 
-    def __init__(self, card, model_bytes, threads, k, gpu):
+    def __init__(self, card, model_bytes, threads, k, gpu, call_size):
         with tempfile.TemporaryDirectory(prefix="batch-model-") as d:   # this worker's copy, checked again
             Path(d, "model.onnx").write_bytes(model_bytes)           # the bytes travel: no shared disk needed
             write_card(f"{d}/card.json", {**card, "model": f"{d}/model.onnx"})  # keeps the card's SHA-256
             self.model = Model(f"{d}/card.json", threads)
             if gpu:
                 self.model.infer = cuda_runner(f"{d}/model.onnx") or self.model.infer
-        self.k = k
+        self.k, self.call_size = k, call_size or call_size_here(card, threads, gpu)
 
     def __call__(self, batch):
         ok = batch["kind"] == ""
         best = iter([])
         if ok.any():       # the server's path: calibrated probabilities and its abstention rule, once per batch
-            probs, reasons = self.model.decide(self.model.outputs(batch["x"][ok]))
+            x = batch["x"][ok]
+            calls = [self.model.outputs(x[i:i + self.call_size]) for i in range(0, len(x), self.call_size)]
+            probs, reasons = self.model.decide([np.concatenate(o) for o in zip(*calls)])
             best = iter([(top_k(row, self.model.classes, self.k), why) for row, why in zip(probs, reasons)])
         rows = []
         for path, good, kind, error in zip(batch["path"], ok, batch["kind"], batch["error"]):
@@ -121,6 +126,16 @@ class Scorer:
                          "top_k_probabilities": [c["probability"] for c in b], "abstained": why is not None,
                          "reason": why})
         return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def call_size_here(card, threads, gpu):
+    """Images per ONNX Runtime call for an actor with `threads` threads on this machine: on CPUs the fastest
+    batch the deploy stage measured for lanes of that many threads (serve.model.policy: on this CPU and core count
+    only; else its default); on a GPU, ROWS. On 2 cores batch 1 runs at 137 img/s and batch 8 at 94 (card
+    "serving"), so calling ONNX Runtime per Ray Data batch would give a third of the speed away."""
+    if gpu:
+        return ROWS
+    return policy(card, lanes=max(1, throughput.cores() // threads))[0]["max_batch_size"]
 
 
 def cuda_runner(path):
@@ -180,15 +195,16 @@ def score(todo, fs, root, model, p):
         decode_cpus, per_actor = p.batch_threads, {"num_cpus": p.batch_threads}
     model_bytes = Path(model.card["model"]).read_bytes()
     shape = (3, model.pp.input_size, model.pp.input_size)
-    # 8 calls a block (Ray's default here cut 600 files into 200), and a block for every actor of a small job
-    blocks = min(len(todo), max(actors, -(-len(todo) // (8 * p.batch_size))))
+    # 2 calls a block (Ray's default here cut 600 files into 200; on 2,000 images and 2 cores, alternated runs gave
+    # 116-128 img/s at 8 calls a block, 130-134 at 2), and a block for every actor of a small job
+    blocks = min(len(todo), max(actors, -(-len(todo) // (2 * ROWS))))
     ds = ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
-        read_and_preprocess, batch_size=p.batch_size, batch_format="numpy", num_cpus=decode_cpus,
+        read_and_preprocess, batch_size=ROWS, batch_format="numpy", num_cpus=decode_cpus,
         fn_kwargs=dict(fs=fs, root=root, transform=model.transform, p=p, shape=shape))
-    ds = ds.map_batches(Scorer, batch_size=p.batch_size, batch_format="numpy",
+    ds = ds.map_batches(Scorer, batch_size=ROWS, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=actors),
-                        fn_constructor_kwargs=dict(card=model.card, model_bytes=model_bytes,
-                                                   threads=p.batch_threads, k=p.top_k, gpu=bool(gpus)),
+                        fn_constructor_kwargs=dict(card=model.card, model_bytes=model_bytes, threads=p.batch_threads,
+                                                   k=p.top_k, gpu=bool(gpus), call_size=p.batch_size),
                         **per_actor)
     yield from ds.iter_batches(batch_size=p.batch_part_rows, batch_format="pyarrow")
 

@@ -44,18 +44,19 @@ class Params:
     max_header_bytes: int = 32_768    # request line and headers; beyond, 431 (a single line: a quarter of it)
     read_timeout_s: float = 30.0      # to receive a whole body (408); nginx also ends a body that stalls this long
     keep_alive_s: float = 75.0        # idle connections stay open this long: above any client's or balancer's
-    batch_size: int = 8               # batch prediction (serve/batch.py): images per ONNX Runtime call
+    batch_size: int = 0               # batch prediction (serve/batch.py): images per ONNX Runtime call; 0: the
+    #                                   card's fastest for an actor's threads on this CPU (else 8; 32 on a GPU)
     batch_actors: int = 0             # ONNX Runtime actors; 0: one per `batch_threads` CPUs (one per GPU on GPUs)
     batch_threads: int = 1            # intra-op threads per actor; the actor holds this many of Ray's CPUs
     batch_part_rows: int = 1000       # results per part file: what a crash can cost at most
 
     def __post_init__(self):
-        for name in ("max_batch_size", "threads", "lanes", "decode_threads"):
+        for name in ("max_batch_size", "threads", "lanes", "decode_threads", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (from the card) or a positive integer, not {getattr(self, name)!r}")
         for name in ("top_k", "max_body_bytes", "max_images",
                      "max_pixels", "max_request_pixels", "max_decode_queue", "fast_lane_pixels",
-                     "max_connections", "max_sockets", "max_header_bytes", "batch_size", "batch_threads",
+                     "max_connections", "max_sockets", "max_header_bytes", "batch_threads",
                      "batch_part_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")

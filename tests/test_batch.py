@@ -16,7 +16,8 @@ from serve import batch, predict_folder
 from serve.model import Params
 from stages.config import UserError
 from tests.conftest import ROOT
-from tests.test_serve import PNG, PROBES, card, check_prediction, encode, offline, png_header  # noqa: F401 (card)
+from tests.test_serve import (PNG, PROBES, card, check_prediction, encode, offline, png_header,  # noqa: F401
+                              write_card)
 
 P = Params(batch_size=2, batch_part_rows=4, top_k=2, max_body_bytes=200_000, max_pixels=1_000_000)
 
@@ -134,6 +135,24 @@ def test_the_card_is_checked_and_another_models_results_are_not_mixed_in(card, t
         batch.run(card, images, tmp_path / "out", P)
 
 
+def test_an_actors_onnx_runtime_calls_take_the_cards_fastest_batch_for_its_threads(card, tmp_path):
+    """batch_size 0: the size the deploy stage measured fastest for lanes of the actor's threads, if it measured
+    this CPU with these cores; 8 otherwise; the Ray Data batch (ROWS) on a GPU; a set value wins (Scorer)."""
+    from stages import machine, throughput
+    cores = throughput.cores()
+    if cores < 2:
+        pytest.skip("needs 2 cores: one-thread and all-core lanes must differ")
+    model = json.loads(card.read_text())["model"]
+    one = {"batch": 4, "lanes": cores, "threads": 1, "decode_threads": cores, "img_s": 90.0}
+    serving = {"cores": cores, "settings": [one, {**one, "batch": 1, "lanes": 1, "threads": cores, "img_s": 99.0}]}
+    here = json.loads(write_card(tmp_path / "here.json", model, built_on=machine.cpu(), serving=serving).read_text())
+    assert batch.call_size_here(here, threads=1, gpu=False) == 4        # not the overall best (1, on one lane)
+    assert batch.call_size_here(here, threads=cores, gpu=False) == 1
+    assert batch.call_size_here(here, threads=1, gpu=True) == batch.ROWS
+    other = {**here, "built_on": {**machine.cpu(), "model": "Other CPU"}}
+    assert batch.call_size_here(other, threads=1, gpu=False) == 8
+
+
 def test_the_server_does_not_import_ray():
     code = "import sys, serve.app, serve.predict_folder; print('ray' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -162,7 +181,7 @@ def test_the_deploy_model_on_the_val_folder_agrees_with_evaluate(reproduced, ray
     evaluate's ONNX top-1 for every file evaluate scored, and its probability evaluate's confidence."""
     repo, _ = reproduced
     monkeypatch.chdir(repo)                     # the card names its model relative to the project root
-    batch.run("outputs/deploy/card.json", "data/mini/val", tmp_path / "out", Params(batch_size=4))
+    batch.run("outputs/deploy/card.json", "data/mini/val", tmp_path / "out", Params())   # call size from the card
     preds = {r["path"]: r for r in tables(tmp_path / "out")[0]}
     with open("outputs/evaluate/predictions.csv", newline="") as f:
         evaluated = {r["path"].removeprefix("data/mini/val/"): r for r in csv.DictReader(f)}
