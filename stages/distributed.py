@@ -10,6 +10,7 @@ checkpoint goes through Ray's storage, so a multi-node cluster needs no shared f
 writes the files exactly as for one process.
 """
 import io
+import os
 import shutil
 import tempfile
 
@@ -31,7 +32,8 @@ def fit(train_rows, hold_rows, classes, p, device):
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // p.workers)
     storage = tempfile.mkdtemp(prefix="train-ray-")      # Ray Train's run records only; removed below
     trainer = TorchTrainer(
-        worker, train_loop_config={"rows": (train_rows, hold_rows, classes), "p": p, "cpus": cpus},
+        worker, train_loop_config={"rows": (train_rows, hold_rows, classes), "p": p, "cpus": cpus,
+                                   "cwd": os.getcwd()},
         scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=gpu, resources_per_worker=(
             {"CPU": cpus, "GPU": 1} if gpu else {"CPU": cpus})),
         run_config=RunConfig(name="train", storage_path=storage,
@@ -54,6 +56,10 @@ def worker(config):
 
     from stages import train
 
+    # Ray Train starts each worker in its run's artifacts folder (/tmp/ray/session_*/artifacts/...), where the
+    # manifest's paths (relative to the project root, as `dvc repro` writes them) name nothing: work where the
+    # stage runs, as one process does. On a cluster the checkout sits at the same path on every node (README).
+    os.chdir(config["cwd"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["cpus"])

@@ -42,10 +42,15 @@ def test_loader_processes_give_the_same_augmented_batches(manifest):
 
 
 @pytest.mark.slow
-def test_two_ray_workers_train_like_one(tmp_path, manifest, checkpoint, ray_local):
+def test_two_ray_workers_train_like_one(tmp_path, split_folder, manifest, checkpoint, ray_local, monkeypatch):
     """lp_ft on 2 Ray Train workers: the features are sharded and joined, so the probe is the single
-    process's; the fine-tune runs under DDP; the checkpoint is the usual one."""
-    result = train.run(manifest, tmp_path / "two", train.Params(**{**TINY, "workers": 2}))
+    process's; the fine-tune runs under DDP; the checkpoint is the usual one. The manifest's paths are relative
+    to the working folder, as `dvc repro` makes them (Ray Train starts its workers in a folder of its own)."""
+    from stages import prepare
+    monkeypatch.chdir(split_folder.parent)
+    prepare.run(Path(split_folder.name), Path("relative"), prepare.Params(source=split_folder.name))
+    assert not Path(read_manifest("relative/manifest.csv", {"train"})[0][0]["path"]).is_absolute()
+    result = train.run(Path("relative/manifest.csv"), tmp_path / "two", train.Params(**{**TINY, "workers": 2}))
     two = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
     one = torch.load(checkpoint, weights_only=True)
     assert two["params"]["workers"] == 2 and two["selection"] == result["selection"]
