@@ -1,15 +1,16 @@
 """Batch prediction images/s in one run on one machine (prints, never asserts): today's single-process
 predict_folder, Ray Data (serve/batch.py) on this machine, and the machine's own limit.
 
-The limit: the serving limit of `stages.throughput` on 64 of the same files, measured here after the jobs (JPEG
+The limit: the serving limit of `stages.throughput` on 64 of the same files, measured before and after the jobs (JPEG
 bytes to the model's outputs in one process, decode threads beside ONNX Runtime lanes, the best of batch 1-32 and
 every split of the cores into lanes x intra-op threads); the serving benchmark divides the server by the same
 figure. Images: the shipped photos copied and resized to `--n` distinct JPEGs.
-Run from the project root: python -m benchmarks.batch_bench [--card outputs/deploy/card.json] [--n 2000]
+Run from the project root: python -m benchmarks.batch_bench [--card outputs/deploy/card.json] [--n 2000] [--repeats 3]
 """
 import argparse
 import dataclasses
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,48 +52,68 @@ def limit(model, files):
     return throughput.measure(model.card["model"], images, throughput.Sweep(images=len(images)))
 
 
-def run(card, n, p, work):
+def fresh(work):
+    """Remove the jobs' outputs: a job finding its earlier parts would score nothing."""
+    for old in ("ray", "ray-small", "single.csv"):
+        shutil.rmtree(work / old, ignore_errors=True) if (work / old).is_dir() else (work / old).unlink(True)
+
+
+def run(card, n, p, work, repeats):
+    """Single-process and Ray Data jobs alternated `repeats` times (a load that comes and goes hits both alike),
+    the limit measured before and after them."""
     images = work / f"images-{n}"
     if len(list(images.glob("*.jpg"))) != n:          # a --work folder keeps them between runs
         images.mkdir(parents=True, exist_ok=True)
         make_images(images, n)
     files = sorted(images.iterdir())
     model = Model(card, p.threads)
-    r = {"cpu": describe(), "n": len(files), "variant": model.card["variant"], "single_p": model.resolve(p)}
-    r["single_s"] = timed(lambda: predict_folder.run(card, images, work / "single.csv", p))
+    r = {"cpu": describe(), "n": len(files), "variant": model.card["variant"], "single_p": model.resolve(p),
+         "sweeps": [limit(model, files)], "single_s": [], "ray_s": []}
     from stages.cluster import ray_init
     r["ray_init_s"] = timed(ray_init)
     small = work / "images-16"                         # a job this small costs Ray Data's start-up and little else
     small.mkdir(exist_ok=True)
     for f in files[:16]:
         shutil.copy(f, small)
+    fresh(work)
     r["ray_small_s"] = timed(lambda: batch.run(card, small, work / "ray-small", p))
-    r["ray_s"] = timed(lambda: batch.run(card, images, work / "ray", p))
+    for _ in range(repeats):
+        fresh(work)
+        r["single_s"].append(timed(lambda: predict_folder.run(card, images, work / "single.csv", p)))
+        r["ray_s"].append(timed(lambda: batch.run(card, images, work / "ray", p)))
     r["ray_call_size"] = p.batch_size or batch.call_size_here(model.card, p.batch_threads, gpu=False)
-    r["sweep"] = limit(model, files)
-    r["limit"] = r["sweep"]["best"]["img_s"]
-    r["single"], r["ray"] = len(files) / r["single_s"], len(files) / r["ray_s"]
+    r["sweeps"].append(limit(model, files))
+    r["limit"] = statistics.mean(s["best"]["img_s"] for s in r["sweeps"])
+    r["single"], r["ray"] = ([len(files) / t for t in r[k]] for k in ("single_s", "ray_s"))
     return r
 
 
+def spread(xs):
+    return f"{statistics.median(xs):7.1f} img/s  ({min(xs):.1f}-{max(xs):.1f} over {len(xs)})"
+
+
 def report(r, p):
-    best = r["sweep"]["best"]
+    best = r["sweeps"][-1]["best"]
+    single, ray = statistics.median(r["single"]), statistics.median(r["ray"])
+    steady = r["n"] / (statistics.median(r["ray_s"]) - r["ray_small_s"])
     lines = [f"batch prediction, {r['n']} images, {r['variant']}, {r['cpu']}",
-             f"  single-process predict_folder: {r['single']:7.1f} img/s  (batch {r['single_p'].max_batch_size}, "
+             f"  single-process predict_folder: {spread(r['single'])}  (batch {r['single_p'].max_batch_size}, "
              f"{r['single_p'].threads} ORT threads, {r['single_p'].decode_threads} decode threads)",
-             f"  Ray Data (serve/batch.py):     {r['ray']:7.1f} img/s  (ORT calls of {r['ray_call_size']}, actors "
+             f"  Ray Data (serve/batch.py):     {spread(r['ray'])}  (ORT calls of {r['ray_call_size']}, actors "
              f"{p.batch_actors or 'auto'} x {p.batch_threads} threads; ray init {r['ray_init_s']:.1f} s not counted)",
              f"  Ray Data on 16 images:         {r['ray_small_s']:7.1f} s      (the fixed cost of a job: actors start, "
              f"load the model)",
              f"  machine limit:                 {r['limit']:7.1f} img/s  (decode + ONNX Runtime in process, "
-             f"stages.throughput: batch {best['batch']}, {best['lanes']} lane(s) x {best['threads']} thread(s))",
+             f"stages.throughput, before and after the jobs: "
+             f"{' and '.join(str(s['best']['img_s']) for s in r['sweeps'])}; batch {best['batch']}, "
+             f"{best['lanes']} lane(s) x {best['threads']} thread(s))",
              "  in-process img/s by batch at that split: " + ", ".join(
-                 f"{s['batch']}: {s['img_s']:.1f}" for s in r["sweep"]["settings"]
+                 f"{s['batch']}: {s['img_s']:.1f}" for s in r["sweeps"][-1]["settings"]
                  if (s["lanes"], s["threads"]) == (best["lanes"], best["threads"])),
-             f"  Ray Data less that fixed cost: {r['n'] / (r['ray_s'] - r['ray_small_s']):7.1f} img/s  (what a job "
-             f"of many more images approaches: {r['n'] / (r['ray_s'] - r['ray_small_s']) / r['limit']:.2f}x the limit)",
-             f"  ratios: Ray Data / limit {r['ray'] / r['limit']:.2f} (goal >= 0.85), Ray Data / single-process "
-             f"{r['ray'] / r['single']:.2f}, single-process / limit {r['single'] / r['limit']:.2f}"]
+             f"  Ray Data less that fixed cost: {steady:7.1f} img/s  (what a job of many more images approaches: "
+             f"{steady / r['limit']:.2f}x the limit)",
+             f"  ratios (medians): Ray Data / limit {ray / r['limit']:.2f} (goal >= 0.85), Ray Data / single-process "
+             f"{ray / single:.2f}, single-process / limit {single / r['limit']:.2f}"]
     return "\n".join(lines)
 
 
@@ -100,6 +121,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--card", default=str(CARD), help="the model card (default: the deploy stage's)")
     ap.add_argument("--n", type=int, default=2000, help="images to generate from the shipped photos")
+    ap.add_argument("--repeats", type=int, default=3, help="alternated single-process and Ray Data jobs")
     ap.add_argument("--work", help="a folder to keep the images and outputs in (default: a temporary one)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="serve params to override")
     args = ap.parse_args()
@@ -108,9 +130,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="batch-bench-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for old in ("ray", "ray-small", "single.csv"):           # a fresh run scores everything again
-            shutil.rmtree(work / old, ignore_errors=True) if (work / old).is_dir() else (work / old).unlink(True)
-        print(report(run(args.card, args.n, p, work), p))
+        print(report(run(args.card, args.n, p, work, args.repeats), p))
 
 
 if __name__ == "__main__":
