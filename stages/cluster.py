@@ -5,6 +5,7 @@ prediction), so that the address, the resources and the logging are decided in o
 Ray at import; `train.workers: 1` and serial runs never call it.
 """
 import os
+from pathlib import Path
 
 
 def ray_init(num_cpus=None):
@@ -21,6 +22,20 @@ def ray_init(num_cpus=None):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
+        root = str(Path(__file__).resolve().parents[1])      # importable before Ray adds the driver's path
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+                 configure_logging=False, runtime_env={
+                     "env_vars": {"PYTHONPATH": path},
+                     "worker_process_setup_hook": "stages.cluster.without_state_api_warnings"})
     return ray
+
+
+def without_state_api_warnings():
+    """Run in every worker process of a local Ray: Ray Train's placement-group cleaner asks Ray's State API,
+    which the dashboard serves, whether the train controller is alive once a second; with no dashboard each
+    query fails with a warning (70 lines in one `train.workers: 2` run on the shipped data). Its errors still
+    show; a cluster at RAY_ADDRESS keeps its own logging."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
