@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from benchmarks.timing import spread
 from serve import batch, predict_folder
 from serve.model import Model, Params
 from stages import throughput
@@ -88,18 +89,20 @@ def run(card, n, p, work, repeats):
     return r
 
 
-def spread(xs):
-    return f"{statistics.median(xs):7.1f} img/s  ({min(xs):.1f}-{max(xs):.1f} over {len(xs)})"
+def rates(xs):
+    s = spread(xs, 1)
+    return f"{s['median']:7.1f} img/s  ({s['min']}-{s['max']} over {s['n']})"
 
 
 def report(r, p):
     best = r["sweeps"][-1]["best"]
     single, ray = statistics.median(r["single"]), statistics.median(r["ray"])
-    steady = r["n"] / (statistics.median(r["ray_s"]) - r["ray_small_s"])
+    extra_s = statistics.median(r["ray_s"]) - r["ray_small_s"]     # what the images beyond the 16 cost
+    steady = (r["n"] - 16) / extra_s if extra_s > 0 else float("nan")
     lines = [f"batch prediction, {r['n']} images, {r['variant']}, {r['cpu']}",
-             f"  single-process predict_folder: {spread(r['single'])}  (batch {r['single_p'].max_batch_size}, "
+             f"  single-process predict_folder: {rates(r['single'])}  (batch {r['single_p'].max_batch_size}, "
              f"{r['single_p'].threads} ORT threads, {r['single_p'].decode_threads} decode threads)",
-             f"  Ray Data (serve/batch.py):     {spread(r['ray'])}  (ORT calls of {r['ray_call_size']}, actors "
+             f"  Ray Data (serve/batch.py):     {rates(r['ray'])}  (ORT calls of {r['ray_call_size']}, actors "
              f"{p.batch_actors or 'auto'} x {p.batch_threads} threads; ray init {r['ray_init_s']:.1f} s not counted)",
              f"  Ray Data on 16 images:         {r['ray_small_s']:7.1f} s      (the fixed cost of a job: actors start, "
              f"load the model)",
@@ -110,8 +113,9 @@ def report(r, p):
              "  in-process img/s by batch at that split: " + ", ".join(
                  f"{s['batch']}: {s['img_s']:.1f}" for s in r["sweeps"][-1]["settings"]
                  if (s["lanes"], s["threads"]) == (best["lanes"], best["threads"])),
-             f"  Ray Data less that fixed cost: {steady:7.1f} img/s  (what a job of many more images approaches: "
-             f"{steady / r['limit']:.2f}x the limit)",
+             f"  Ray Data beyond that job:      {steady:7.1f} img/s  (the images past the first 16 over the seconds "
+             f"past the 16-image job's: what a job of many more images approaches, {steady / r['limit']:.2f}x the "
+             f"limit; nan where the job is too small to tell)",
              f"  ratios (medians): Ray Data / limit {ray / r['limit']:.2f} (goal >= 0.85), Ray Data / single-process "
              f"{ray / single:.2f}, single-process / limit {single / r['limit']:.2f}"]
     return "\n".join(lines)

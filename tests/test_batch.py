@@ -137,7 +137,8 @@ def test_the_card_is_checked_and_another_models_results_are_not_mixed_in(card, t
 
 def test_an_actors_onnx_runtime_calls_take_the_cards_fastest_batch_for_its_threads(card, tmp_path):
     """batch_size 0: the size the deploy stage measured fastest for lanes of the actor's threads, if it measured
-    this CPU with these cores; 8 otherwise; the Ray Data batch (ROWS) on a GPU; a set value wins (Scorer)."""
+    this CPU with these cores; 8 otherwise; the Ray Data batch (ROWS) on a GPU. (A set batch_size is used as it
+    is: the Ray Data tests above run calls of 2 within batches of ROWS.)"""
     from stages import machine, throughput
     cores = throughput.cores()
     if cores < 2:
