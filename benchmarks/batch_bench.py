@@ -25,6 +25,7 @@ from stages.config import UserError, cli, load_section
 from stages.machine import describe
 
 CARD = Path("outputs/deploy/card.json")
+SMALL = 16          # images of the job that measures what any job costs: Ray Data's start-up and little else
 
 
 def make_images(dest, n, source=Path("data/hymenoptera")):
@@ -72,9 +73,9 @@ def run(card, n, p, work, repeats):
          "sweeps": [limit(model, files)], "single_s": [], "ray_s": []}
     from stages.cluster import ray_init
     r["ray_init_s"] = timed(ray_init)
-    small = work / "images-16"                         # a job this small costs Ray Data's start-up and little else
+    small = work / f"images-{SMALL}"
     small.mkdir(exist_ok=True)
-    for f in files[:16]:
+    for f in files[:SMALL]:
         shutil.copy(f, small)
     fresh(work)
     r["ray_small_s"] = timed(lambda: batch.run(card, small, work / "ray-small", p))
@@ -97,15 +98,15 @@ def rates(xs):
 def report(r, p):
     best = r["sweeps"][-1]["best"]
     single, ray = statistics.median(r["single"]), statistics.median(r["ray"])
-    extra_s = statistics.median(r["ray_s"]) - r["ray_small_s"]     # what the images beyond the 16 cost
-    steady = (r["n"] - 16) / extra_s if extra_s > 0 else float("nan")
+    extra_s = statistics.median(r["ray_s"]) - r["ray_small_s"]     # what the images beyond the first SMALL cost
+    steady = (r["n"] - SMALL) / extra_s if extra_s > 0 else float("nan")
     lines = [f"batch prediction, {r['n']} images, {r['variant']}, {r['cpu']}",
              f"  single-process predict_folder: {rates(r['single'])}  (batch {r['single_p'].max_batch_size}, "
              f"{r['single_p'].threads} ORT threads, {r['single_p'].decode_threads} decode threads)",
              f"  Ray Data (serve/batch.py):     {rates(r['ray'])}  (ORT calls of {r['ray_call_size']}, actors "
              f"{p.batch_actors or 'auto'} x {p.batch_threads} threads; ray init {r['ray_init_s']:.1f} s not counted)",
-             f"  Ray Data on 16 images:         {r['ray_small_s']:7.1f} s      (the fixed cost of a job: actors start, "
-             f"load the model)",
+             f"  Ray Data on {SMALL} images:         {r['ray_small_s']:7.1f} s      (the fixed cost of a job: actors "
+             f"start, load the model)",
              f"  machine limit:                 {r['limit']:7.1f} img/s  (decode + ONNX Runtime in process, "
              f"stages.throughput, before and after the jobs: "
              f"{' and '.join(str(s['best']['img_s']) for s in r['sweeps'])}; batch {best['batch']}, "
@@ -113,9 +114,9 @@ def report(r, p):
              "  in-process img/s by batch at that split: " + ", ".join(
                  f"{s['batch']}: {s['img_s']:.1f}" for s in r["sweeps"][-1]["settings"]
                  if (s["lanes"], s["threads"]) == (best["lanes"], best["threads"])),
-             f"  Ray Data beyond that job:      {steady:7.1f} img/s  (the images past the first 16 over the seconds "
-             f"past the 16-image job's: what a job of many more images approaches, {steady / r['limit']:.2f}x the "
-             f"limit; nan where the job is too small to tell)",
+             f"  Ray Data beyond that job:      {steady:7.1f} img/s  (the images past the first {SMALL} over the "
+             f"seconds past the {SMALL}-image job's: what a job of many more images approaches, "
+             f"{steady / r['limit']:.2f}x the limit; nan where the job is too small to tell)",
              f"  ratios (medians): Ray Data / limit {ray / r['limit']:.2f} (goal >= 0.85), Ray Data / single-process "
              f"{ray / single:.2f}, single-process / limit {single / r['limit']:.2f}"]
     return "\n".join(lines)
