@@ -18,7 +18,6 @@ With SERVE_API_KEY set in the environment, /predict needs the header X-API-Key (
 unless SERVE_API_KEY_DISABLED=1). The model is the one the model card names, and the service refuses to start if
 the file's SHA-256 differs from the card's. serve/server.py runs it behind nginx.
 """
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -42,7 +41,7 @@ from serve.metrics import Metrics, MetricsMiddleware
 from serve.model import InputError, Model, Params, top_k
 from serve.server import Server
 from serve.upload import read_images
-from stages.config import UserError, cli, load_section
+from stages.config import UserError, cli, load_section, parser
 
 API_KEY_ENV = "SERVE_API_KEY"
 NO_KEY_ENV = "SERVE_API_KEY_DISABLED"            # "1": an empty SERVE_API_KEY means no key, on purpose
@@ -227,7 +226,7 @@ def serve(card_path, p):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     card = os.environ.get("SERVE_CARD")
     ap.add_argument("--card", required=card is None, default=card,
                     help="the model card JSON the deploy stage wrote (default: $SERVE_CARD)")

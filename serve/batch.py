@@ -14,7 +14,6 @@ errors/part-NNNNN.parquet (path, kind, error, model_sha256); paths are relative 
 in .csv: the parts live in OUT.parts/ and OUT is predict_folder's CSV (path, top1, probability, top_k,
 abstained, reason, error) plus model_sha256, sorted by path.
 """
-import argparse
 import csv
 import json
 import tempfile
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 from serve.model import InputError, Model, Params, policy, preprocess, top_k
 from stages import throughput
 from stages.card import write_card
-from stages.config import UserError, atomic_write, cli, load_section
+from stages.config import UserError, atomic_write, cli, load_section, parser
 
 PREDICTIONS, ERRORS = "predictions", "errors"
 SCHEMA = pa.schema([("path", pa.string()), ("top1", pa.string()), ("probability", pa.float64()),
@@ -271,11 +270,9 @@ def write_csv(folder, out):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--card", required=True, help="the model card JSON written by the deploy stage")
-    ap.add_argument("--images", required=True, help="a folder or URI (s3://..., searched recursively)")
-    ap.add_argument("--out", required=True, help="a folder of Parquet tables, or a .csv file")
-    args = ap.parse_args()
+    args = parser(__doc__, ("--card", "the model card JSON written by the deploy stage"),
+                  ("--images", "a folder or URI (s3://..., searched recursively)"),
+                  ("--out", "a folder of Parquet tables, or a .csv file")).parse_args()
     c = run(args.card, args.images, args.out, load_section(Params, "serve"))
     print(f"batch: {c['predicted']} images predicted, {c['errors']} files not usable, {c['skipped']} already "
           f"done -> {args.out}")

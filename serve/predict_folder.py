@@ -5,10 +5,10 @@ The same card check, decoding, preprocessing, limits and answers (calibrated pro
 server; a file that is not a usable image gets a row with its error instead of a prediction, so every file is
 accounted for.
 
-One process, no Ray, no resuming: `make predict-folder` runs serve/batch.py (Ray Data, Parquet or this CSV,
-resumable); this stays for a quick look on one machine and as benchmarks/batch_bench.py's baseline.
+One process, no Ray, no resuming, and no command line of its own: `make predict-folder` runs serve/batch.py (Ray
+Data, Parquet or this CSV, resumable). `run` stays for a quick look from Python on one machine and as
+benchmarks/batch_bench.py's baseline.
 """
-import argparse
 import concurrent.futures
 import csv
 import dataclasses
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from serve.model import InputError, Model, Params, preprocess, top_k
 from stages import throughput
-from stages.config import UserError, atomic_write, cli, load_section
+from stages.config import UserError, atomic_write
 
 FIELDS = ["path", "top1", "probability", "top_k", "abstained", "reason", "error"]
 
@@ -83,18 +83,3 @@ def run(card, images, out, p):
 
     atomic_write(out, write)
     return rows
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--card", required=True, help="the model card JSON written by the export stage")
-    ap.add_argument("--images", required=True, help="a folder of images (searched recursively)")
-    ap.add_argument("--out", required=True, help="the CSV to write")
-    args = ap.parse_args()
-    rows = run(args.card, args.images, args.out, load_section(Params, "serve"))
-    failed = sum(bool(r["error"]) for r in rows)
-    print(f"predict_folder: {len(rows) - failed} images predicted, {failed} files not usable -> {args.out}")
-
-
-if __name__ == "__main__":
-    cli(main)

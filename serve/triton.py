@@ -12,14 +12,13 @@ softmax(logits / T); "out_of_distribution" if ood_score > s (or is NaN), else "l
 < a, else answered. `stages.trust.decide` is that arithmetic in numpy (no torch) and takes
 `Trust.from_metadata({"trust": <the parameter's string>})`.
 """
-import argparse
 import json
 import shutil
 from pathlib import Path
 
 from serve.model import Params
 from stages import runtime, trust
-from stages.config import UserError, atomic_text, atomic_write, cli, load_section, sha256
+from stages.config import UserError, atomic_text, atomic_write, cli, load_section, parser, sha256
 
 # serve.max_batch_size 0 (the HTTP service's measured best, a fact of the machine it runs on) leaves Triton's
 # dynamic batcher this cap and its preferred sizes to choose from; intra_op_thread_count 0 is ORT's default
@@ -94,9 +93,7 @@ def run(onnx_path, out_dir, max_batch_size, max_queue_delay_us=5000, instances=1
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--onnx", required=True)
-    ap.add_argument("--out", required=True)
+    ap = parser(__doc__, "--onnx", "--out")
     ap.add_argument("--model-name", default="classifier")
     args = ap.parse_args()
     p = load_section(Params, "serve")              # the service's batching settings, one source of truth

@@ -1,4 +1,5 @@
 """Typed access to `params.yaml`: each stage loads its own section into a frozen dataclass."""
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -209,6 +210,16 @@ def atomic_dir(path):
 
 def atomic_text(path, text):
     atomic_write(path, lambda p: p.write_text(text))
+
+
+def parser(doc, *required):
+    """The command line of a stage or tool: described by its module docstring's first line, with the `required`
+    options ("--out", or ("--out", "its help")); add the optional ones to what it returns."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for option in required:
+        name, help = (option, None) if isinstance(option, str) else option
+        ap.add_argument(name, required=True, help=help)
+    return ap
 
 
 def cli(main):

@@ -13,7 +13,6 @@ Timing (stages/timing.py): every variant in a process of its own, at `threads` t
 `latency_ms_p50`, a single-image service's case, decides. The chosen file's serving limit over batch sizes and
 core splits (stages/throughput.py, on val's photos) goes into the card as "serving": the server's defaults.
 """
-import argparse
 import csv
 import dataclasses
 import json
@@ -33,7 +32,7 @@ from stages import machine, quantize, runtime, throughput, timing, trust, trust_
 from stages.candidates import BASELINE, FALLBACK, inputs, measure, source, variants  # noqa: E402
 from stages.card import write_card  # noqa: E402
 from stages.checkpoint import load_checkpoint, load_model  # noqa: E402
-from stages.config import UserError, atomic_dir, cli, load_section, typed  # noqa: E402
+from stages.config import UserError, atomic_dir, cli, load_section, parser, typed  # noqa: E402
 from stages.export import parity  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
 
@@ -218,12 +217,15 @@ def plot(table, chosen, budget, path):
     plt.close(fig)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for a in ("--checkpoint", "--onnx", "--manifest", "--out"):
-        ap.add_argument(a, required=True)
+def arguments():
+    """The stage's command line (stages/recheck.py parses dvc.yaml's `cmd` with it too)."""
+    ap = parser(__doc__, "--checkpoint", "--onnx", "--manifest", "--out")
     ap.add_argument("--pruned", help="a checkpoint written by the prune stage: adds pruned_fp32, pruned_int8")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = arguments().parse_args()
     card, table, _ = run(args.checkpoint, args.onnx, args.pruned, args.manifest, args.out,
                          load_section(Params, "deploy"))
     for n, v in table.items():

@@ -4,7 +4,6 @@ answers (the `grad-cam` package), its top losses and its most confused class pai
 The val predictions are the model's own (the evaluate stage's inputs and transform); the loss needs every
 class's probability, which evaluate's predictions.csv does not keep.
 """
-import argparse
 import csv
 import dataclasses
 import json
@@ -21,7 +20,7 @@ import torch  # noqa: E402
 
 from stages import presets  # noqa: E402
 from stages.checkpoint import load_model  # noqa: E402
-from stages.config import atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
+from stages.config import atomic_text, atomic_write, cli, load_section, parser, stage_device  # noqa: E402
 from stages.loading import loader, predict  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
 
@@ -137,10 +136,7 @@ def run(checkpoint, manifest, out_dir, p, device="cpu"):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for a in ("--checkpoint", "--manifest", "--out"):
-        ap.add_argument(a, required=True)
-    args = ap.parse_args()
+    args = parser(__doc__, "--checkpoint", "--manifest", "--out").parse_args()
     m = run(args.checkpoint, args.manifest, args.out, load_section(Params, "explain"), stage_device("evaluate"))
     pairs = ", ".join(f"{c['actual']} as {c['predicted']} x{c['count']}" for c in m["most_confused"][:3])
     print(f"explain: {m['misclassified']} of {m['val_images']} val images wrong ({pairs or 'none confused'}); "

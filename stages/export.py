@@ -3,7 +3,6 @@
 The ONNX metadata carries class names, preprocessing, backbone and params, so the file alone is enough to
 serve. Parity is measured on the real val images: top-1 agreement and the largest absolute logit difference.
 """
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 from stages import presets
 from stages.checkpoint import load_checkpoint, load_model
-from stages.config import UserError, atomic_text, atomic_write, cli, load_section
+from stages.config import UserError, atomic_text, atomic_write, cli, load_section, parser
 from stages.loading import loader, predict
 from stages.manifest import read_manifest
 from stages.runtime import BATCH, FEATURES, INPUT, OUTPUT, session
@@ -91,11 +90,7 @@ def run(checkpoint, manifest, out_dir, p):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--manifest", required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = parser(__doc__, "--checkpoint", "--manifest", "--out").parse_args()
     result = run(args.checkpoint, args.manifest, args.out, load_section(Params, "export"))
     print(f"export: top-1 agreement {result['top1_agreement']:.4f}, "
           f"max |logit diff| {result['max_abs_logit_diff']:.2e} on {result['images']} val images")

@@ -14,7 +14,6 @@ Val is scored by the probe fitted on train + holdout and reported, never dropped
 (keep | drop | fail, like prepare's rules) decides what train does with the confident train/holdout suspects:
 `exclude.csv` lists the ones to leave out (empty unless `drop`).
 """
-import argparse
 import csv
 import dataclasses
 import json
@@ -29,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from stages import backbones, presets, train  # noqa: E402
-from stages.config import UserError, atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
+from stages.config import UserError, atomic_text, atomic_write, cli, load_section, parser, stage_device  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
 from stages.probe import choose_c, fit_probe, head_logits, out_of_fold  # noqa: E402
 
@@ -149,10 +148,7 @@ def run(manifest, out_dir, p, tp, device="cpu"):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--manifest", required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = parser(__doc__, "--manifest", "--out").parse_args()
     metrics, issues = run(args.manifest, args.out, load_section(Params, "labels"),
                           load_section(train.Params, "train"), stage_device("train"))
     print(f"labels: {metrics['suspects']} suspected mislabels of {metrics['train_holdout_images']} train/holdout "

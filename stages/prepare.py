@@ -9,14 +9,13 @@ is changed. Kept images are also written as small RGB copies that training decod
 Files are inspected on `prepare.workers` processes (or a Ray cluster) and, with a cache folder, only files not
 seen before are decoded (stages/inspection.py); the manifest is the same either way.
 """
-import argparse
 import dataclasses
 import random
 from collections import Counter
 from pathlib import Path
 
 from stages import duplicates, inspection
-from stages.config import UserError, atomic_dir, cli, load_section
+from stages.config import UserError, atomic_dir, cli, load_section, parser
 from stages.groups import find_groups, judge_groups
 from stages.manifest import write_manifest
 from stages.inspection import inspect, safe_name  # noqa: F401  (public: tests and tools call prepare.inspect)
@@ -265,8 +264,7 @@ def _picture(name):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap = parser(__doc__, "--out")
     ap.add_argument("--cache", help="folder of per-file results kept between runs (dvc.yaml: persist: true)")
     args = ap.parse_args()
     p = load_section(Params, "prepare")

@@ -9,7 +9,6 @@ Recovery: BatchNorm statistics recomputed on train (pruning changes every layer'
 pruned features (train's linear probe), then train's fine-tune; like training it selects on holdout, and val
 is never seen here. The checkpoint is train's format plus `pruning`: the widths `checkpoint.load_model` rebuilds.
 """
-import argparse
 import dataclasses
 import json
 import time
@@ -21,7 +20,7 @@ from torch import nn
 
 from stages import presets, train
 from stages.checkpoint import load_checkpoint, load_model, save_checkpoint, widths
-from stages.config import UserError, atomic_text, cli, load_section, stage_device
+from stages.config import UserError, atomic_text, cli, load_section, parser, stage_device
 from stages.manifest import read_manifest, read_paths
 
 SCOPES = ("hidden", "all")
@@ -149,9 +148,7 @@ def run(checkpoint, manifest, out_dir, p, device="cpu", exclude=()):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for a in ("--checkpoint", "--manifest", "--out"):
-        ap.add_argument(a, required=True)
+    ap = parser(__doc__, "--checkpoint", "--manifest", "--out")
     ap.add_argument("--exclude", help="a CSV whose `path` column lists images to leave out (labels stage)")
     args = ap.parse_args()
     r = run(args.checkpoint, args.manifest, args.out, load_section(Params, "prune"), stage_device("prune"),

@@ -7,7 +7,6 @@ stage's own inputs (dvc.yaml's command) under the shipped card's deploy params, 
 whether its choice is the shipped one. No output of the pipeline is touched. Exit status 0 when the choice
 holds, 1 when this machine would ship another variant.
 """
-import argparse
 import shlex
 import sys
 import tempfile
@@ -16,17 +15,14 @@ import yaml
 
 from stages import deploy
 from stages.card import read_card
-from stages.config import cli
+from stages.config import cli, parser
 from stages.machine import cpu, describe, differences
 
 
 def stage_args(dvc_yaml="dvc.yaml"):
     """The deploy stage's command-line options in dvc.yaml, parsed as the stage parses them."""
     cmd = shlex.split(yaml.safe_load(open(dvc_yaml))["stages"]["deploy"]["cmd"])
-    ap = argparse.ArgumentParser()
-    for a in ("--checkpoint", "--onnx", "--manifest", "--out", "--pruned"):
-        ap.add_argument(a)
-    return ap.parse_args(cmd[cmd.index("stages.deploy") + 1:])
+    return deploy.arguments().parse_args(cmd[cmd.index("stages.deploy") + 1:])
 
 
 def recheck(card_path, dvc_yaml="dvc.yaml"):
@@ -40,7 +36,7 @@ def recheck(card_path, dvc_yaml="dvc.yaml"):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--card", default="outputs/deploy/card.json")
     args = ap.parse_args()
     holds, variant, reason, card = recheck(args.card)

@@ -6,7 +6,6 @@ Model selection (the head's best step; with `select: best`, the fine-tune epoch)
 `holdout` slice of train; `val` is never seen here. With `workers > 1` the same recipe (`fit`) runs
 data-parallel on Ray Train (stages/distributed.py); the input pipeline is stages/loading.py.
 """
-import argparse
 import copy
 import csv
 import dataclasses
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from stages import backbones, presets
 from stages.checkpoint import save_checkpoint
-from stages.config import UserError, atomic_write, cli, load_section, stage_device
+from stages.config import UserError, atomic_write, cli, load_section, parser, stage_device
 from stages.loading import (SOLO, autocast, class_weights, loader, loader_workers, predict, save_grid,
                             to_device)
 from stages.manifest import read_manifest, read_paths
@@ -277,9 +276,7 @@ def write_history(path, history):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--manifest", required=True)
-    ap.add_argument("--out", required=True)
+    ap = parser(__doc__, "--manifest", "--out")
     ap.add_argument("--exclude", help="a CSV whose `path` column lists images to leave out (labels stage)")
     args = ap.parse_args()
     p = load_section(Params, "train")

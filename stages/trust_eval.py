@@ -8,7 +8,6 @@ distance, on PyTorch features, against a class left out), and robustness
 file beside its INT8, whichever ships). The fitted
 values themselves come from the deploy model's metadata (`stages.trust`); nothing here is fitted on val.
 """
-import argparse
 import csv
 import dataclasses
 import json
@@ -20,7 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from stages import ood, presets, probe, runtime, trust
 from stages.checkpoint import load_checkpoint, load_model
-from stages.config import UserError, atomic_dir, cli, load_section
+from stages.config import UserError, atomic_dir, cli, load_section, parser
 from stages.loading import loader
 from stages.manifest import read_manifest
 from stages.quantize import calibration_rows
@@ -274,10 +273,7 @@ def write(out_dir, m, curve, table, logits, labels, fitted, bins, s_val, s_syn):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for a in ("--checkpoint", "--card", "--fp32", "--int8", "--manifest", "--out"):
-        ap.add_argument(a, required=True)
-    args = ap.parse_args()
+    args = parser(__doc__, "--checkpoint", "--card", "--fp32", "--int8", "--manifest", "--out").parse_args()
     m = run(args.checkpoint, args.card, args.fp32, args.int8, args.manifest, args.out, load_section(Params, "trust"))
     c, a, o = m["calibration"], m["abstention"], m["ood"]
     print(f"trust: ECE {c['before']['ece']} -> {c['after']['ece']} (T {m['temperature']}); answered "

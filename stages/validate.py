@@ -7,14 +7,13 @@ GX's result goes to `<out>/result.json`, its HTML data docs to `<out>/docs/`, a 
 `result.json` is stripped of GX's run ids and times: the same manifest and params give the same bytes.
 Every failure names the params (or the data) that change its outcome.
 """
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
 import pandas as pd
 
-from stages.config import UserError, atomic_dir, atomic_text, cli, load_section
+from stages.config import UserError, atomic_dir, atomic_text, cli, load_section, parser
 
 SPLITS = ("train", "holdout", "val")     # counted per class; a `test` split may be there too, read by no stage
 COLUMNS = ("path", "label", "split", "width", "height", "mode", "sha256", "phash", "picture", "status")
@@ -217,10 +216,7 @@ def run(manifest, out_dir, p):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--manifest", required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = parser(__doc__, "--manifest", "--out").parse_args()
     s = run(args.manifest, args.out, load_section(Params, "validate"))
     per_split = ", ".join(f"{split} {sum(c.values())}" for split, c in s["counts"].items())
     print(f"validate: {s['expectations']} expectations passed on {len(s['counts']['train'])} classes "
