@@ -21,7 +21,8 @@ import torch
 
 from stages import backbones, presets, prepare, train
 from stages.config import UserError, atomic_text, cli, load_section
-from stages.evaluate import baseline_logits, scores
+from stages.evaluate import baseline_logits
+from stages.scores import scores
 from stages.machine import describe
 from stages.checkpoint import load_model
 from stages.manifest import read_manifest

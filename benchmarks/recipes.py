@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from benchmarks.timing import pairwise, spread, wall
 from stages import backbones, presets, train
-from stages.evaluate import scores
+from stages.scores import scores
 from stages.checkpoint import load_model
 from stages.manifest import read_manifest
 

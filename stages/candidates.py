@@ -13,9 +13,9 @@ import torch
 
 from stages import loading, quantize, runtime, timing
 from stages.checkpoint import load_checkpoint, load_model
-from stages.evaluate import scores
 from stages.export import parity, predict_onnx, to_onnx
 from stages.loading import predict
+from stages.scores import scores
 
 BASELINE, FALLBACK = "pytorch_fp32", "onnx_fp32"
 

@@ -1,7 +1,6 @@
 """evaluate: accuracy, per-class precision/recall/F1 and the confusion matrix on the untouched val split,
 for the PyTorch checkpoint and for the ONNX model under ONNX Runtime.
 """
-import argparse
 import csv
 import dataclasses
 import json
@@ -15,34 +14,18 @@ import torch  # noqa: E402
 
 from stages import backbones, presets  # noqa: E402
 from stages.checkpoint import load_checkpoint, load_model  # noqa: E402
-from stages.config import atomic_text, atomic_write, cli, load_section, stage_device  # noqa: E402
+from stages.config import atomic_text, atomic_write, cli, load_section, parser, stage_device  # noqa: E402
 from stages.export import predict_onnx  # noqa: E402
 from stages.loading import loader, predict  # noqa: E402
 from stages.manifest import read_manifest  # noqa: E402
 from stages.probe import set_head  # noqa: E402
 from stages.runtime import session  # noqa: E402
+from stages.scores import headline, scores  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Params:
     batch_size: int = 32
-
-
-def scores(pred, labels, classes):
-    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix (rows: truth)."""
-    k = len(classes)
-    cm = torch.zeros(k, k, dtype=torch.long)
-    for t, p in zip(labels.tolist(), pred.tolist()):
-        cm[t, p] += 1
-    per_class = {}
-    for i, c in enumerate(classes):
-        tp, col, row = cm[i, i].item(), cm[:, i].sum().item(), cm[i].sum().item()
-        prec, rec = (tp / col if col else 0.0), (tp / row if row else 0.0)
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        per_class[c] = {"precision": round(prec, 4), "recall": round(rec, 4), "f1": round(f1, 4), "support": row}
-    return {"accuracy": round(cm.diag().sum().item() / max(1, cm.sum().item()), 4),
-            "macro_f1": round(sum(v["f1"] for v in per_class.values()) / k, 4),
-            "per_class": per_class, "confusion": cm.tolist()}
 
 
 def plot_confusion(cm, classes, title, path):
@@ -72,16 +55,7 @@ def baseline_logits(ckpt, batches, device, shipped):
 
 
 def summary(m, classes):
-    lines = [f"val images: {m['val_images']}",
-             f"accuracy  PyTorch {m['pytorch']['accuracy']:.4f}   ONNX Runtime {m['onnx']['accuracy']:.4f}   "
-             f"(top-1 agreement {m['onnx_agreement']:.4f})"]
-    if "baseline" in m:
-        lines.append(f"baseline  frozen-feature logistic regression {m['baseline']['accuracy']:.4f}   "
-                     f"gap {m['gap_to_baseline']:+.4f}")
-    if "selection" in m:
-        lines.append(f"kept      {m['selection']['kept']}" + (f": {m['selection']['why']}" if "why" in m["selection"]
-                                                              else ""))
-    lines.append(f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    lines = headline(m) + [f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
     for c in classes:
         v = m["pytorch"]["per_class"][c]
         lines.append(f"{c:<20}{v['precision']:>10.4f}{v['recall']:>10.4f}{v['f1']:>10.4f}{v['support']:>10}")
@@ -128,10 +102,7 @@ def run(checkpoint, onnx_path, manifest, out_dir, p, device="cpu"):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for a in ("--checkpoint", "--onnx", "--manifest", "--out"):
-        ap.add_argument(a, required=True)
-    args = ap.parse_args()
+    args = parser(__doc__, "--checkpoint", "--onnx", "--manifest", "--out").parse_args()
     _, text = run(args.checkpoint, args.onnx, args.manifest, args.out, load_section(Params, "evaluate"),
                   stage_device("evaluate"))
     print(text, end="")

@@ -4,7 +4,6 @@ of the errors, the hardest examples, the deploy stage's choice and the trust fig
 Reads the other stages' outputs only (no model, no torch); every image is inlined as base64, so the page is one
 file that opens offline. Plain HTML and CSS, no script.
 """
-import argparse
 import base64
 import csv
 import dataclasses
@@ -15,7 +14,8 @@ import time
 from pathlib import Path
 
 from stages import presets
-from stages.config import atomic_text, cli, load_section
+from stages.config import atomic_text, cli, load_section, parser
+from stages.scores import headline
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
@@ -93,16 +93,8 @@ def flat(d, prefix=""):
 
 def metrics_section(m):
     per = [{"class": c, **v} for c, v in m["pytorch"]["per_class"].items()]
-    lines = [f"<p>val images: {m['val_images']}; accuracy PyTorch <b>{m['pytorch']['accuracy']:.4f}</b>, "
-             f"ONNX Runtime {m['onnx']['accuracy']:.4f} (agreement {m['onnx_agreement']:.4f}); "
-             f"macro F1 {m['pytorch']['macro_f1']:.4f}</p>"]
-    if "baseline" in m:
-        lines.append(f"<p>frozen-feature baseline {m['baseline']['accuracy']:.4f} "
-                     f"(gap {m['gap_to_baseline']:+.4f})</p>")
-    if "selection" in m:
-        why = m["selection"].get("why")
-        lines.append(f"<p>train kept {esc(m['selection']['kept'])}{': ' + esc(why) if why else ''}</p>")
-    return "".join(lines) + table(per, ["class", "precision", "recall", "f1", "support"])
+    return "".join(f"<p>{esc(line)}</p>" for line in headline(m)) + table(per, ["class", "precision", "recall", "f1",
+                                                                                 "support"])
 
 
 def labels_section(lab, m, p):
@@ -178,9 +170,7 @@ def run(out_dir, evaluate, labels, explain, deploy, trust, p):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for a in ("--evaluate", "--labels", "--explain", "--deploy", "--out"):
-        ap.add_argument(a, required=True)
+    ap = parser(__doc__, "--evaluate", "--labels", "--explain", "--deploy", "--out")
     ap.add_argument("--trust", help="the trust stage's folder; skipped with a note when absent")
     args = ap.parse_args()
     path, line = run(args.out, args.evaluate, args.labels, args.explain, args.deploy, args.trust,

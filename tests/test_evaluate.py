@@ -3,11 +3,11 @@ import json
 
 import torch
 
-from stages import evaluate, export
+from stages import evaluate, export, scores
 
 
 def test_scores_on_a_known_case():
-    m = evaluate.scores(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1, 1]), ["a", "b"])
+    m = scores.scores(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1, 1]), ["a", "b"])
     assert m["accuracy"] == 0.75 and m["confusion"] == [[1, 1], [0, 2]]
     assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2}
     assert m["per_class"]["b"]["precision"] == 0.6667 and m["per_class"]["b"]["recall"] == 1.0

@@ -62,8 +62,9 @@ def test_numpy_path_gives_the_torch_path_tensors():
 
 
 def test_serving_imports_no_torch():
-    """The server, the folder predictor and the Triton writer import neither torch, torchvision nor timm."""
-    code = ("import sys, serve.app, serve.predict_folder, serve.triton; "
+    """The server, the folder predictor, the Triton writer and the report page (with the scores it states)
+    import neither torch, torchvision nor timm."""
+    code = ("import sys, serve.app, serve.predict_folder, serve.triton, stages.report; "
             "print(sorted({'torch', 'torchvision', 'timm'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
