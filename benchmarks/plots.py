@@ -11,6 +11,14 @@ def errbar(s):
     return s["median"], [[s["median"] - s["min"]], [s["max"] - s["median"]]]
 
 
+def finish(ax, legend=None, grid="both", **labels):
+    """An axis's labels (`ax.set`'s keywords), light grid lines, and a legend with `legend`'s keywords if given."""
+    ax.set(**labels)
+    ax.grid(alpha=0.3, axis=grid)
+    if legend is not None:
+        ax.legend(**legend)
+
+
 def training(parts):
     """Val accuracy per classic epoch, and against wall time, with the pipeline's runs as points."""
     t, sc = parts["train"], parts.get("scratch", {})
@@ -29,10 +37,9 @@ def training(parts):
         b.errorbar([w], [p["val_acc"]["median"]], xerr=err, fmt="*", ms=14, c=color, label=label)
     for ax in (a, b):
         ax.axhline(t["target"], c="grey", lw=0.8, ls=":")
-        ax.grid(alpha=0.3)
-    a.set(xlabel="classic epoch", ylabel="val accuracy", title="val accuracy after every epoch")
-    b.set(xlabel="wall time, s (training + per-epoch evaluation)", title="accuracy against time")
-    a.legend(fontsize=7, loc="lower right")
+    finish(a, {"fontsize": 7, "loc": "lower right"}, xlabel="classic epoch", ylabel="val accuracy",
+           title="val accuracy after every epoch")
+    finish(b, xlabel="wall time, s (training + per-epoch evaluation)", title="accuracy against time")
     return fig
 
 
@@ -51,12 +58,10 @@ def deploy(parts):
         b.bar(pos, med, width, label=f"{th} thread(s)",
               yerr=[[m - table[n][f"{bkey}_min"] for m, n in zip(med, names)],
                     [table[n][f"{bkey}_max"] - m for m, n in zip(med, names)]])
-    for ax in (a, b):
+    for ax, ylabel, title in ((a, "ms", "batch-1 latency (bar: p50, tick: p99)"),
+                              (b, "images/s", f"batch-{d['batch_size']} throughput (min-max)")):
         ax.set_xticks(idx + width * (len(d["tables"]) - 1) / 2, names, rotation=20, fontsize=8)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
-    a.set(ylabel="ms", title="batch-1 latency (bar: p50, tick: p99)")
-    b.set(ylabel="images/s", title=f"batch-{d['batch_size']} throughput (min-max)")
+        finish(ax, {"fontsize": 8}, "y", ylabel=ylabel, title=title)
     return fig
 
 
@@ -69,8 +74,7 @@ def overhead(parts):
         ax.bar(i, m, yerr=err, color=f"C{i}", capsize=6)
     ax.bar(2, o["server_start_s"], color="C7")
     ax.set_xticks(range(3), [b[0] for b in bars] + ["Prefect server\nstart (once)"], fontsize=8)
-    ax.set(ylabel="seconds", title="orchestration overhead (median, min-max)")
-    ax.grid(alpha=0.3, axis="y")
+    finish(ax, grid="y", ylabel="seconds", title="orchestration overhead (median, min-max)")
     return fig
 
 
@@ -85,9 +89,8 @@ def serving(parts):
     for key, ls in (("p50_ms", "o-"), ("p99_ms", "s--")):
         b.plot(levels, [s["levels"][str(c)][key]["median"] for c in levels], ls, label=key.split("_")[0])
     for ax, ylabel, title in ((a, "images/s", "throughput"), (b, "ms", "request latency")):
-        ax.set(xscale="log", xticks=levels, xticklabels=levels, xlabel="concurrency", ylabel=ylabel, title=title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        finish(ax, {"fontsize": 8}, xscale="log", xticks=levels, xticklabels=levels, xlabel="concurrency",
+               ylabel=ylabel, title=title)
     return fig
 
 
