@@ -1,12 +1,12 @@
 """batch: the deploy model over every file under a folder or URI, on Ray Data, into Parquet (or CSV), resumably.
 
 The driver checks the card (SHA-256) and lists the files (pyarrow.fs: a local folder, s3://, gs://, hdfs://, or
-any fsspec URI whose package is installed); Ray tasks read, open, decode and preprocess them with the server's own
-code and limits (serve.model.preprocess with the card's transform); a pool of actors runs ONNX Runtime (CUDA
-where the cluster has GPUs and onnxruntime-gpu is installed); the driver writes the results in parts of
-`batch_part_rows` rows, each part atomically. A run killed at any point leaves only whole parts; a re-run with the
-same model reads them and scores only the files they lack. A file that is not a usable image lands in the errors
-table with the server's reason, and the job goes on.
+any fsspec URI whose package is installed); a pool of Ray actors reads, opens, decodes and preprocesses them with
+the server's own code and limits (serve.model.preprocess with the card's transform) and runs ONNX Runtime (where
+the cluster has GPUs and onnxruntime-gpu is installed: Ray tasks decode on the CPUs and the actors run CUDA); the
+driver writes the results in parts of `batch_part_rows` rows, each part atomically. A run killed at any point
+leaves only whole parts; a re-run with the same model reads them and scores only the files they lack. A file that
+is not a usable image lands in the errors table with the server's reason, and the job goes on.
 
 OUT, a folder: predictions/part-NNNNN.parquet (path, top1, probability, top_k_classes, top_k_probabilities,
 abstained, reason, model_sha256; probabilities calibrated and abstentions decided as the server does) and
@@ -37,8 +37,8 @@ SCHEMA = pa.schema([("path", pa.string()), ("top1", pa.string()), ("probability"
 COLUMNS = {PREDICTIONS: ["path", "top1", "probability", "top_k_classes", "top_k_probabilities", "abstained",
                          "reason"],
            ERRORS: ["path", "kind", "error"]}
-ROWS = 32       # rows per Ray Data batch: one task call decodes them, one actor call scores them (in ONNX Runtime
-#                 calls of `batch_size`): large enough that Ray's cost per call is small against the images' cost
+ROWS = 32       # rows per Ray Data batch: one actor call decodes and scores them (in ONNX Runtime calls of
+#                 `batch_size`): large enough that Ray's cost per call is small against the images' cost
 
 
 def filesystem(uri):
@@ -97,9 +97,10 @@ def read_and_preprocess(batch, fs, root, transform, p, shape):
 
 
 class Scorer:
-    """A Ray actor: the card's model in ONNX Runtime, rows of network input -> top-k classes and probabilities."""
+    """A Ray actor: the card's model in ONNX Runtime, rows of network input -> top-k classes and probabilities.
+    With `read` (read_and_preprocess's keyword arguments) its rows are files, which it reads and decodes itself."""
 
-    def __init__(self, card, model_bytes, threads, k, gpu, call_size):
+    def __init__(self, card, model_bytes, threads, k, gpu, call_size, read=None):
         with tempfile.TemporaryDirectory(prefix="batch-model-") as d:   # this worker's copy, checked again
             Path(d, "model.onnx").write_bytes(model_bytes)           # the bytes travel: no shared disk needed
             write_card(f"{d}/card.json", {**card, "model": f"{d}/model.onnx"})  # keeps the card's SHA-256
@@ -107,8 +108,11 @@ class Scorer:
             if gpu:
                 self.model.infer = cuda_runner(f"{d}/model.onnx") or self.model.infer
         self.k, self.call_size = k, call_size or call_size_here(card, threads, gpu)
+        self.read = read
 
     def __call__(self, batch):
+        if self.read is not None:
+            batch = read_and_preprocess(batch, **self.read)
         ok = batch["kind"] == ""
         best = iter([])
         if ok.any():       # the server's path: calibrated probabilities and its abstention rule, once per batch
@@ -186,24 +190,27 @@ def score(todo, fs, root, model, p):
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:                    # decoding tasks on the CPUs, scoring actors on the GPUs
-        actors, decode_cpus, per_actor = p.batch_actors or gpus, 1, {"num_gpus": 1, "num_cpus": 1}
-    else:                       # decoding and scoring ask for the same CPUs, so Ray Data fuses them into the actors:
-        #                         every core decodes and scores, and no float input (768 KiB an image at 256 px)
-        #                         crosses the object store. Unfused, actors holding every CPU would starve decoding.
+        actors, per_actor = p.batch_actors or gpus, {"num_gpus": 1, "num_cpus": 1}
+    else:                       # each actor reads, decodes and scores its own rows on its share of the cores: no
+        #                         float input (768 KiB an image at 256 px) becomes a Ray Data block. Two operators
+        #                         that Ray Data fuses still convert each batch between them: alternated 2,000-image
+        #                         jobs on 2 cores gave 108-118 img/s that way, 116-122 in one.
         actors = p.batch_actors or max(1, int(resources.get("CPU", 1)) // p.batch_threads)
-        decode_cpus, per_actor = p.batch_threads, {"num_cpus": p.batch_threads}
+        per_actor = {"num_cpus": p.batch_threads}
     model_bytes = Path(model.card["model"]).read_bytes()
-    shape = (3, model.pp.input_size, model.pp.input_size)
+    read = dict(fs=fs, root=root, transform=model.transform, p=p,
+                shape=(3, model.pp.input_size, model.pp.input_size))
     # 2 calls a block (Ray's default here cut 600 files into 200; on 2,000 images and 2 cores, alternated runs gave
     # 116-128 img/s at 8 calls a block, 130-134 at 2), and a block for every actor of a small job
     blocks = min(len(todo), max(actors, -(-len(todo) // (2 * ROWS))))
-    ds = ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
-        read_and_preprocess, batch_size=ROWS, batch_format="numpy", num_cpus=decode_cpus,
-        fn_kwargs=dict(fs=fs, root=root, transform=model.transform, p=p, shape=shape))
+    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    if gpus:
+        ds = ds.map_batches(read_and_preprocess, batch_size=ROWS, batch_format="numpy", num_cpus=1, fn_kwargs=read)
     ds = ds.map_batches(Scorer, batch_size=ROWS, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs=dict(card=model.card, model_bytes=model_bytes, threads=p.batch_threads,
-                                                   k=p.top_k, gpu=bool(gpus), call_size=p.batch_size),
+                                                   k=p.top_k, gpu=bool(gpus), call_size=p.batch_size,
+                                                   read=None if gpus else read),
                         **per_actor)
     yield from ds.iter_batches(batch_size=p.batch_part_rows, batch_format="pyarrow")
 
