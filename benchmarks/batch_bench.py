@@ -1,10 +1,10 @@
 """Batch prediction images/s in one run on one machine (prints, never asserts): today's single-process
 predict_folder, Ray Data (serve/batch.py) on this machine, and the machine's own limit.
 
-The limit: the serving limit of `stages.throughput` on 64 of the same files, measured before and after the jobs (JPEG
+The limit: the serving limit of `stages.throughput` on 64 of the same files, swept before and after the jobs (JPEG
 bytes to the model's outputs in one process, decode threads beside ONNX Runtime lanes, the best of batch 1-32 and
-every split of the cores into lanes x intra-op threads); the serving benchmark divides the server by the same
-figure. Images: the shipped photos copied and resized to `--n` distinct JPEGs.
+every split of the cores into lanes x intra-op threads; the serving benchmark divides the server by the same
+figure), and timed again at the best batch right before each Ray Data job, which is divided by that one. Images: the shipped photos copied and resized to `--n` distinct JPEGs.
 Run from the project root: python -m benchmarks.batch_bench [--card outputs/deploy/card.json] [--n 2000] [--repeats 3]
 """
 import argparse
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from benchmarks.timing import spread
+from benchmarks.timing import pairwise, spread
 from serve import batch, predict_folder
 from serve.model import Model, Params
 from stages import throughput
@@ -25,6 +25,7 @@ from stages.config import UserError, cli, load_section
 from stages.machine import describe
 
 CARD = Path("outputs/deploy/card.json")
+BESIDE_S = 3.0      # seconds the limit is timed at each split right before each Ray Data job
 SMALL = 16          # images of the job that measures what any job costs: Ray Data's start-up and little else
 
 
@@ -47,11 +48,12 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def limit(model, files):
+def limit(model, files, sweep=throughput.Sweep()):
     """`stages.throughput`'s sweep of the model on these files' bytes: decode + ONNX Runtime images/s in one
-    process at batch 1-32 and every split of the cores into lanes x threads, the server's own limit."""
+    process at batch 1-32 (or `sweep`'s) and every split of the cores into lanes x threads, the server's own
+    limit."""
     images = [f.read_bytes() for f in files[:64]]
-    return throughput.measure(model.card["model"], images, throughput.Sweep(images=len(images)))
+    return throughput.measure(model.card["model"], images, dataclasses.replace(sweep, images=len(images)))
 
 
 def fresh(work):
@@ -62,7 +64,9 @@ def fresh(work):
 
 def run(card, n, p, work, repeats):
     """Single-process and Ray Data jobs alternated `repeats` times (a load that comes and goes hits both alike),
-    the limit measured before and after them."""
+    the limit swept before and after them and timed again right before each Ray Data job at the batch the first
+    sweep found best: the two sweeps of one run differed by up to 8 % on a shared machine, so each job is divided by
+    the limit timed beside it."""
     images = work / f"images-{n}"
     if len(list(images.glob("*.jpg"))) != n:          # a --work folder keeps them between runs
         images.mkdir(parents=True, exist_ok=True)
@@ -81,11 +85,13 @@ def run(card, n, p, work, repeats):
     # the first job in a Ray session pays once more (Ray Data's first use in this process and in the workers):
     # timed apart, so that the small jobs beside the large ones measure what every job costs
     r["ray_first_s"] = timed(lambda: batch.run(card, small, work / "ray-small", p))
-    r["ray_small_s"] = []
+    r["ray_small_s"], r["beside"] = [], []
+    beside = throughput.Sweep(seconds=BESIDE_S, rounds=1, batches=(r["sweeps"][0]["best"]["batch"],))
     for _ in range(repeats):
         fresh(work)
         r["single_s"].append(timed(lambda: predict_folder.run(card, images, work / "single.csv", p)))
         r["ray_small_s"].append(timed(lambda: batch.run(card, small, work / "ray-small", p)))
+        r["beside"].append(limit(model, files, beside)["best"]["img_s"])
         r["ray_s"].append(timed(lambda: batch.run(card, images, work / "ray", p)))
     r["ray_call_size"] = p.batch_size or batch.call_size_here(model.card, p.batch_threads, gpu=False)
     r["sweeps"].append(limit(model, files))
@@ -105,6 +111,7 @@ def report(r, p):
     # what the images beyond the first SMALL cost, pair by pair (each large job beside its own small one)
     extra_s = statistics.median(big - small for big, small in zip(r["ray_s"], r["ray_small_s"]))
     steady = (r["n"] - SMALL) / extra_s if extra_s > 0 else float("nan")
+    beside, ratio = statistics.median(r["beside"]), pairwise(r["ray"], r["beside"], 2)
     lines = [f"batch prediction, {r['n']} images, {r['variant']}, {r['cpu']}",
              f"  single-process predict_folder: {rates(r['single'])}  (batch {r['single_p'].max_batch_size}, "
              f"{r['single_p'].threads} ORT threads, {r['single_p'].decode_threads} decode threads)",
@@ -120,11 +127,14 @@ def report(r, p):
              "  in-process img/s by batch at that split: " + ", ".join(
                  f"{s['batch']}: {s['img_s']:.1f}" for s in r["sweeps"][-1]["settings"]
                  if (s["lanes"], s["threads"]) == (best["lanes"], best["threads"])),
+             f"  limit beside each Ray Data job:{rates(r['beside'])}  (batch {r['sweeps'][0]['best']['batch']}, the "
+             f"best split over {BESIDE_S:.0f} s each, timed right before the job)",
              f"  Ray Data beyond that job:      {steady:7.1f} img/s  (the images past the first {SMALL} over the "
              f"seconds past the {SMALL}-image job's, run beside it: what a job of many more images approaches, "
-             f"{steady / r['limit']:.2f}x the limit; nan where the job is too small to tell)",
-             f"  ratios (medians): Ray Data / limit {ray / r['limit']:.2f} (goal >= 0.85), Ray Data / single-process "
-             f"{ray / single:.2f}, single-process / limit {single / r['limit']:.2f}"]
+             f"{steady / beside:.2f}x the limit beside the jobs; nan where the job is too small to tell)",
+             f"  ratios: Ray Data / the limit beside it {ratio['median']} ({ratio['min']}-{ratio['max']} over "
+             f"{ratio['n']} pairs; goal >= 0.85; {ray / r['limit']:.2f} against the sweeps' mean), Ray Data / "
+             f"single-process {ray / single:.2f}, single-process / limit {single / r['limit']:.2f} (medians)"]
     return "\n".join(lines)
 
 
