@@ -4,7 +4,8 @@ predict_folder, Ray Data (serve/batch.py) on this machine, and the machine's own
 The limit: the serving limit of `stages.throughput` on 64 of the same files, swept before and after the jobs (JPEG
 bytes to the model's outputs in one process, decode threads beside ONNX Runtime lanes, the best of batch 1-32 and
 every split of the cores into lanes x intra-op threads; the serving benchmark divides the server by the same
-figure), and timed again at the best batch right before each Ray Data job, which is divided by that one. Images: the shipped photos copied and resized to `--n` distinct JPEGs.
+figure), and timed again at the best batch right before each Ray Data job, which is divided by that one.
+Images: the shipped photos copied and resized to `--n` distinct JPEGs.
 Run from the project root: python -m benchmarks.batch_bench [--card outputs/deploy/card.json] [--n 2000] [--repeats 3]
 """
 import argparse
