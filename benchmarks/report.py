@@ -189,6 +189,12 @@ def section_serving(s):
     lines += [f"| server, concurrency {c} | {s3(v['img_s'])} | {t_(v['p50_ms'])} | {t_(v['p99_ms'])} | "
               f"{t_(v['mean_batch'])} | {v['errors']} | {v['requests']} | {x(v['vs_limit'])} |"
               for c, v in s["levels"].items()]
+    cpu = [(c, v["cpu_ms"]) for c, v in s["levels"].items() if v.get("cpu_ms")]
+    if cpu and s.get("inprocess_cpu_ms"):       # runs before the counts were kept have none
+        lines += ["", "CPU time per request (medians, ms): " + "; ".join(
+            f"concurrency {c}: server {m['server']['median']}, its nginx {m['nginx']['median']}, client "
+            f"{m['client']['median']}" for c, m in cpu) + f"; in process {s['inprocess_cpu_ms']['median']} ms an "
+            "image (decode + ONNX Runtime at the limit's setting)."]
     return lines + ["", "![serving](serving.png)"]
 
 

@@ -76,8 +76,9 @@ async def post(reader, writer, head, data):
     return status
 
 
-async def load(url, data, concurrency, seconds):
-    """(requests, errors, latencies in s, elapsed s) for `concurrency` clients sending one image per request.
+async def load(url, data, concurrency, seconds, on_start=lambda: None):
+    """(requests, errors, latencies in s, elapsed s) for `concurrency` clients sending one image per request,
+    after a second of warm-up; `on_start()` is called as the timed part begins.
 
     A bare asyncio HTTP/1.1 client, not httpx: the load generator shares the server's two cores here, and
     every millisecond of CPU it spends per request is one the server does not have.
@@ -99,6 +100,7 @@ async def load(url, data, concurrency, seconds):
         warm = time.perf_counter() + 1                                   # connections up, caches warm
         await asyncio.gather(*(client(c, warm) for c in conns))
         latencies.clear()
+        on_start()
         start = time.perf_counter()
         await asyncio.gather(*(client(c, start + seconds) for c in conns))
         return len(latencies), errors[0], np.array(latencies), time.perf_counter() - start
@@ -159,6 +161,11 @@ def main():
               f"{v['p99_ms']['median']:>9.1f}{v['mean_batch']['median']:>7.1f}{v['errors']:>8}{v['requests']:>10}"
               f"{v['vs_limit']['median']:>9.2f}")
     print("\n/ limit: against the limit's setting run in process just before and after each phase")
+    print(f"\n{'CPU ms per request':<18}{'server':>8}{'nginx':>8}{'client':>8}{'total':>8}   in process: "
+          f"{r['inprocess_cpu_ms']['median']:.2f} ms an image (decode + ORT, the limit's setting)")
+    for c, v in r["levels"].items():
+        ms = {k: v["cpu_ms"][k]["median"] for k in ("server", "nginx", "client")}
+        print(f"{f'concurrency {c}':<18}" + "".join(f"{x:>8.2f}" for x in ms.values()) + f"{sum(ms.values()):>8.2f}")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
