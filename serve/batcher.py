@@ -2,28 +2,31 @@
 
 An image waits at most `max_wait_ms` after it arrives for others to fill a batch of `max_batch_size`; images
 that queued while every lane was busy go at once. Each lane (one `infer` callable, an ONNX Runtime runner's `run`
-of its own) runs one batch at a time on a thread of its own; lanes x intra-op threads is the inference budget, split as
-`stages.throughput` measured fastest (on two cores, two single-threaded lanes at batch 1 beat one two-threaded
-lane at any batch).
+of its own) is a thread of its own that takes its next batch from a thread-safe queue the moment its call returns;
+lanes x intra-op threads is the inference budget, split as `stages.throughput` measured fastest (on two cores, two
+single-threaded lanes at batch 1 beat one two-threaded lane at any batch). When the event loop handed each lane its
+batches, a lane waited between calls for the loop, busy with HTTP meanwhile: 2 cores sat 10-11 % idle at
+concurrency 32.
 """
 import asyncio
-import collections
-import concurrent.futures
+import queue
+import threading
 import time
 
 import numpy as np
+
+STOP = object()         # one per lane, queued behind the images: that lane serves what came before it and ends
 
 
 class Batcher:
     def __init__(self, lanes, max_batch_size, max_wait_ms, on_batch=None):
         """`lanes`: callables, (n, ...) float32 array -> a list of arrays of n rows (the model's outputs), one
         batch at a time each; an image's result is the tuple of its rows. `on_batch(size, seconds)` after each
-        call."""
+        call, on the lane's thread."""
         self.lanes, self.max_batch_size, self.max_wait = list(lanes), max_batch_size, max_wait_ms / 1000
         self.on_batch = on_batch or (lambda size, seconds: None)
-        self.pending = collections.deque()        # (arrival time, array, future), oldest first
-        self.pool = concurrent.futures.ThreadPoolExecutor(len(self.lanes), thread_name_prefix="infer")
-        self.task, self.stopping, self.inflight = None, False, set()
+        self.queue = queue.SimpleQueue()           # (arrival time, array, future), oldest first
+        self.threads, self.task, self.stopping = [], None, False
 
     @property
     def running(self):
@@ -31,80 +34,77 @@ class Batcher:
 
     @property
     def dead(self):
-        """The loop ended while nobody asked it to stop (an exception, a cancellation)."""
+        """A lane ended, or the task watching them did, while nobody asked them to stop."""
         return self.task is not None and self.task.done() and not self.stopping
 
     async def start(self):
-        self.wakeup, self.idle = asyncio.Event(), asyncio.Queue()
-        for lane in self.lanes:
-            self.idle.put_nowait(lane)
-        self.task = asyncio.create_task(self._run(), name="batcher")
+        self.loop, self.ended = asyncio.get_running_loop(), asyncio.Event()
+        self.threads = [threading.Thread(target=self._lane, args=(lane,), name=f"infer_{i}", daemon=True)
+                        for i, lane in enumerate(self.lanes)]
+        for t in self.threads:
+            t.start()
+        self.task = asyncio.create_task(self.ended.wait(), name="batcher")
 
     async def stop(self):
         """Serve what is queued, then stop."""
         self.stopping = True
+        for _ in self.threads:
+            self.queue.put(STOP)
+        await asyncio.gather(*(asyncio.to_thread(t.join) for t in self.threads))
         if self.task:
-            self.wakeup.set()
-            await self.task
-        self.pool.shutdown()
+            await asyncio.wait([self.task])          # it may have been cancelled: that is not this call's error
 
     async def submit(self, x):
         """One (C, H, W) array in, its output row back."""
         if not self.running:
             raise RuntimeError("the batcher is not running")
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((time.monotonic(), x, future))
-        self.wakeup.set()
+        future = self.loop.create_future()
+        self.queue.put((time.monotonic(), x, future))
         return await future
 
-    async def _run(self):
-        while self.pending or not self.stopping:
-            if not self.pending:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            lane = await self.idle.get()            # images queue meanwhile: they go together
-            await self._fill()
-            batch = []
-            while self.pending and len(batch) < self.max_batch_size:
-                item = self.pending.popleft()
-                if not item[2].done():              # a request that was cancelled is not computed for
+    def _lane(self, lane):
+        try:
+            while (first := self.queue.get()) is not STOP:
+                batch, last = [first], False
+                while len(batch) < self.max_batch_size:
+                    left = first[0] + self.max_wait - time.monotonic()
+                    try:
+                        item = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is STOP:                 # this lane's own: the batch goes, then the lane ends
+                        last = True
+                        break
                     batch.append(item)
-            if not batch:
-                self.idle.put_nowait(lane)
-                continue
-            task = asyncio.create_task(self._infer(lane, batch))
-            self.inflight.add(task)
-            task.add_done_callback(self.inflight.discard)
-        if self.inflight:
-            await asyncio.wait(self.inflight)
-
-    async def _fill(self):
-        """Return once a full batch is queued or the oldest image has waited `max_wait`."""
-        deadline = self.pending[0][0] + self.max_wait
-        while len(self.pending) < self.max_batch_size and not self.stopping:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self.wakeup.clear()
+                # a request that was cancelled is not computed for (done() read off the loop: at worst one is)
+                batch = [item for item in batch if not item[2].done()]
+                if batch:
+                    self._infer(lane, batch)
+                if last:
+                    return
+        finally:
             try:
-                await asyncio.wait_for(self.wakeup.wait(), left)
-            except TimeoutError:
-                return
+                self.loop.call_soon_threadsafe(self.ended.set)
+            except RuntimeError:                     # the loop closed without stop(): nobody is left to tell
+                pass
 
-    async def _infer(self, lane, batch):
+    def _infer(self, lane, batch):
         start = time.perf_counter()
         try:
-            x = np.stack([x for _, x, _ in batch])
-            out = await asyncio.get_running_loop().run_in_executor(self.pool, lane, x)
-        except Exception as e:                      # every request in the batch learns of it; the loop goes on
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(e)
+            out = lane(np.stack([x for _, x, _ in batch]))
+        except Exception as e:                       # every request in the batch learns of it; the lane goes on
+            self.loop.call_soon_threadsafe(self._deliver, batch, None, e)
             return
-        finally:
-            self.idle.put_nowait(lane)
         self.on_batch(len(batch), time.perf_counter() - start)
-        for row, (_, _, future) in zip(zip(*out), batch):      # per image: its row of every output
-            if not future.done():
+        self.loop.call_soon_threadsafe(self._deliver, batch, out, None)
+
+    @staticmethod
+    def _deliver(batch, out, error):                 # on the loop: futures are not thread-safe
+        rows = zip(*out) if error is None else (None for _ in batch)
+        for row, (_, _, future) in zip(rows, batch):     # per image: its row of every output
+            if future.done():
+                continue
+            if error is None:
                 future.set_result(row)
+            else:
+                future.set_exception(error)
