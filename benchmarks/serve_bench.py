@@ -62,18 +62,22 @@ def photo():
 
 
 async def post(reader, writer, head, data):
-    """One HTTP/1.1 request on a kept-alive connection; its status code (the body is read and dropped)."""
+    """One HTTP/1.1 request on a kept-alive connection: (status code, whether the server closes the connection
+    after it); the body is read and dropped."""
     writer.write(head + data)
     status = int((await reader.readline()).split()[1])
-    length = None
+    length, close = None, False
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
+        name = name.strip().lower()
+        if name == b"content-length":
             length = int(value)
+        elif name == b"connection":
+            close = value.strip().lower() == b"close"
     if length is None:
         raise RuntimeError("the server answered without a content-length")
     await reader.readexactly(length)
-    return status
+    return status, close
 
 
 async def load(url, data, concurrency, seconds, on_start=lambda: None):
@@ -91,11 +95,14 @@ async def load(url, data, concurrency, seconds, on_start=lambda: None):
     async def client(conn, stop):
         while time.perf_counter() < stop:
             t = time.perf_counter()
-            if await post(*conn, head, data) != 200:
-                errors[0] += 1
+            status, close = await post(*conn, head, data)
+            if close:               # nginx ends a connection after keepalive_requests (1000): open the next one
+                conn[1].close()
+                conn[:] = await asyncio.open_connection(host, int(port))
+            errors[0] += status != 200
             latencies.append(time.perf_counter() - t)
 
-    conns = [await asyncio.open_connection(host, int(port)) for _ in range(concurrency)]
+    conns = [list(await asyncio.open_connection(host, int(port))) for _ in range(concurrency)]
     try:
         warm = time.perf_counter() + 1                                   # connections up, caches warm
         await asyncio.gather(*(client(c, warm) for c in conns))
