@@ -97,17 +97,18 @@ class Decoder:
     def _open_and_decode(self, image):
         """One image's array; the opened image instead when it is too big for the fast lane."""
         im, = self._open_all([image])
-        if im.size[0] * im.size[1] > self.p.fast_lane_pixels:
-            return im
-        try:
-            return decode(im, self.transform)
-        except InputError as e:
-            raise where(e, 0, image[0]) from None
+        return self._pixels(im, 0, image[0]) if self._pool(im) is self.fast else im
 
     async def _decode(self, loop, im, index, name):
-        lane = self.fast if im.size[0] * im.size[1] <= self.p.fast_lane_pixels else self.big
-        try:                            # cancelling the await cancels the pool's job if it has not started
-            return await loop.run_in_executor(lane, decode, im, self.transform)
+        # cancelling the await cancels the pool's job if it has not started
+        return await loop.run_in_executor(self._pool(im), self._pixels, im, index, name)
+
+    def _pool(self, im):
+        return self.fast if im.size[0] * im.size[1] <= self.p.fast_lane_pixels else self.big
+
+    def _pixels(self, im, index, name):
+        try:
+            return decode(im, self.transform)
         except InputError as e:
             raise where(e, index, name) from None
 
