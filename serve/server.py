@@ -10,7 +10,12 @@ counts sockets: 8 silent sockets against a backpressure of 4 held /healthz for 5
 slowloris sockets at `client_header_timeout`, kept an idle keep-alive connection 75 s, answered 431 (494 mapped),
 closed after 413, and `limit_conn` counts only connections with a request in progress: /healthz answered in 2 ms
 beside 200 silent sockets.
+
+nginx and uvicorn's thread (the event loop, and the decode threads it starts) run under SCHED_BATCH, so that their
+many short wake-ups wait for a time slice instead of preempting ONNX Runtime mid-image; the batcher's lanes keep
+the normal policy (`serve.batcher.schedule`).
 """
+import concurrent.futures
 import grp
 import os
 import pwd
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import uvicorn
 
+from serve.batcher import schedule
 from stages.config import UserError
 
 # nginx's own refusals, answered by the app's /_error/{status} (JSON, counted in /metrics); 494 is nginx's code for
@@ -114,7 +120,7 @@ class Server:
         self.tmp = Path(tempfile.mkdtemp(prefix="serve-"))          # mode 0700: the socket is ours alone
         uds = self.tmp / "app.sock"
         self.uvicorn = uvicorn.Server(uvicorn_config(self.app, uds, self.p, log_level=self.log_level))
-        self.thread = threading.Thread(target=self.uvicorn.run, name="uvicorn", daemon=True)
+        self.thread = threading.Thread(target=self._run_uvicorn, name="uvicorn", daemon=True)
         self.thread.start()
         while not self.uvicorn.started:
             if not self.thread.is_alive():                          # the lifespan failed; uvicorn said why
@@ -123,7 +129,10 @@ class Server:
             time.sleep(0.02)
         conf = self.tmp / "nginx.conf"
         conf.write_text(nginx_conf(self.p, uds, self.tmp))
-        self.nginx = subprocess.Popen([nginx_binary(), "-e", "stderr", "-p", str(self.tmp), "-c", str(conf)])
+        # started from a SCHED_BATCH thread, nginx's processes inherit the policy
+        with concurrent.futures.ThreadPoolExecutor(1, initializer=schedule, initargs=(True,)) as starter:
+            self.nginx = starter.submit(subprocess.Popen, [nginx_binary(), "-e", "stderr", "-p", str(self.tmp),
+                                                           "-c", str(conf)]).result()
         deadline = time.monotonic() + 10
         while not self._listening():
             if self.nginx.poll() is not None or time.monotonic() > deadline:
@@ -131,6 +140,10 @@ class Server:
                 raise UserError(f"nginx did not start on {self.p.host}:{self.p.port} (its reason is above)")
             time.sleep(0.02)
         return self
+
+    def _run_uvicorn(self):
+        schedule(batch=True)        # the event loop, and the decode threads it starts; the lanes set themselves back
+        self.uvicorn.run()
 
     def _listening(self):
         try:

@@ -1,6 +1,7 @@
 """The HTTP service, the folder predictor and the Triton repository, on a tiny trained model over real HTTP."""
 import ast
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import importlib.metadata
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -395,6 +397,35 @@ def test_batcher_lanes_run_batches_at_the_same_time():
 
     out = asyncio.run(scenario())
     assert [int(o[0][0]) // 10 for o in out] == list(range(6)) and {int(o[0][0]) % 10 for o in out} == {1, 2}
+
+
+def children(pid):
+    """The pids whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux's scheduling policies")
+def test_only_the_inference_lanes_may_preempt_a_running_thread(card):
+    """nginx, the event loop and the decode threads run under SCHED_BATCH (their wake-ups do not preempt ONNX
+    Runtime mid-image); the lanes, and the thread that started the server, keep the normal policy."""
+    live = LiveServer(serve_app.create_app(card, PARAMS))
+    with live as url, httpx.Client(base_url=url, timeout=30) as c:
+        data, ctype = PROBES[1]
+        assert c.post("/predict", content=data, headers={"content-type": ctype}).status_code == 200
+        policy = {t.name: os.sched_getscheduler(t.native_id) for t in threading.enumerate()}
+        nginx = [live.server.nginx.pid] + children(live.server.nginx.pid)
+        assert len(nginx) >= 2, "nginx's master and its worker"
+        assert {pid: os.sched_getscheduler(pid) for pid in nginx} == {pid: os.SCHED_BATCH for pid in nginx}
+    background = {n: v for n, v in policy.items() if n == "uvicorn" or n.startswith("decode")}
+    lanes = {n: v for n, v in policy.items() if n.startswith("infer_")}
+    assert "uvicorn" in background and any(n.startswith("decode-fast") for n in background) and lanes
+    assert set(background.values()) == {os.SCHED_BATCH} and set(lanes.values()) == {os.SCHED_OTHER}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def test_batching_defaults_come_from_the_cards_serving_measurement_on_this_cpu(card, tmp_path):
