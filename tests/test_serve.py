@@ -417,14 +417,14 @@ def test_only_the_inference_lanes_may_preempt_a_running_thread(card):
     with live as url, httpx.Client(base_url=url, timeout=30) as c:
         data, ctype = PROBES[1]
         assert c.post("/predict", content=data, headers={"content-type": ctype}).status_code == 200
-        policy = {t.name: os.sched_getscheduler(t.native_id) for t in threading.enumerate()}
+        policy = [(t.name, os.sched_getscheduler(t.native_id)) for t in threading.enumerate()]
         nginx = [live.server.nginx.pid] + children(live.server.nginx.pid)
         assert len(nginx) >= 2, "nginx's master and its worker"
         assert {pid: os.sched_getscheduler(pid) for pid in nginx} == {pid: os.SCHED_BATCH for pid in nginx}
-    background = {n: v for n, v in policy.items() if n == "uvicorn" or n.startswith("decode")}
-    lanes = {n: v for n, v in policy.items() if n.startswith("infer_")}
-    assert "uvicorn" in background and any(n.startswith("decode-fast") for n in background) and lanes
-    assert set(background.values()) == {os.SCHED_BATCH} and set(lanes.values()) == {os.SCHED_OTHER}
+    background = [(n, v) for n, v in policy if n == "uvicorn" or n.startswith("decode")]
+    lanes = [(n, v) for n, v in policy if n.startswith("infer_")]
+    assert "uvicorn" in dict(background) and any(n.startswith("decode-fast") for n, _ in background) and lanes
+    assert {v for _, v in background} == {os.SCHED_BATCH} and {v for _, v in lanes} == {os.SCHED_OTHER}
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
