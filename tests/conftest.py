@@ -16,6 +16,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def descendants(pid):
+    """The pids under `pid`: its children, theirs, and so on (from /proc)."""
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in descendants(k)]
+
+
 def make_image(path, color, size=(48, 40), seed=0, fmt=None):
     """A noisy image whose mean colour carries its class: learnable by a tiny model in a few steps."""
     rng = np.random.default_rng(seed)

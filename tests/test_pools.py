@@ -15,7 +15,7 @@ import yaml
 
 from flows.pipeline import Params, check_pools
 from stages.config import UserError, load_section
-from tests.conftest import ROOT, api, set_params, sh
+from tests.conftest import ROOT, api, descendants, set_params, sh
 
 BIN = os.path.dirname(sys.executable)
 
@@ -118,14 +118,6 @@ def start_worker(server, pool, machine):
     return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
                              "process", "--name", machine.name], cwd=machine, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
-
-
-def descendants(pid):
-    try:
-        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return kids + [d for k in kids for d in descendants(k)]
 
 
 def kill_machine(proc):

@@ -1,7 +1,6 @@
 """The HTTP service, the folder predictor and the Triton repository, on a tiny trained model over real HTTP."""
 import ast
 import asyncio
-import contextlib
 import csv
 import dataclasses
 import importlib.metadata
@@ -18,7 +17,6 @@ import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -35,7 +33,7 @@ from stages import card as model_card, export, prepare, presets, runtime, train,
 from stages.config import UserError
 from stages.checkpoint import load_model
 from stages.manifest import read_manifest
-from tests.conftest import COLORS, ROOT, TINY, make_image
+from tests.conftest import COLORS, ROOT, TINY, descendants, make_image
 
 # max_decode_queue: the 32-client load below keeps up to 32 x 3 images in flight; with the default 64 a slow
 # moment on a loaded machine answers some of them 503 busy, by design (admission control has its own test)
@@ -399,16 +397,6 @@ def test_batcher_lanes_run_batches_at_the_same_time():
     assert [int(o[0][0]) // 10 for o in out] == list(range(6)) and {int(o[0][0]) % 10 for o in out} == {1, 2}
 
 
-def children(pid):
-    """The pids whose parent is `pid` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
-
-
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux's scheduling policies")
 def test_only_the_inference_lanes_may_preempt_a_running_thread(card):
     """nginx, the event loop and the decode threads run under SCHED_BATCH (their wake-ups do not preempt ONNX
@@ -418,7 +406,7 @@ def test_only_the_inference_lanes_may_preempt_a_running_thread(card):
         data, ctype = PROBES[1]
         assert c.post("/predict", content=data, headers={"content-type": ctype}).status_code == 200
         policy = [(t.name, os.sched_getscheduler(t.native_id)) for t in threading.enumerate()]
-        nginx = [live.server.nginx.pid] + children(live.server.nginx.pid)
+        nginx = [live.server.nginx.pid] + descendants(live.server.nginx.pid)
         assert len(nginx) >= 2, "nginx's master and its worker"
         assert {pid: os.sched_getscheduler(pid) for pid in nginx} == {pid: os.SCHED_BATCH for pid in nginx}
     background = [(n, v) for n, v in policy if n == "uvicorn" or n.startswith("decode")]
