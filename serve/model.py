@@ -45,9 +45,10 @@ class Params:
     read_timeout_s: float = 30.0      # to receive a whole body (408); nginx also ends a body that stalls this long
     keep_alive_s: float = 75.0        # idle connections stay open this long: above any client's or balancer's
     batch_size: int = 0               # batch prediction (serve/batch.py): images per ONNX Runtime call; 0: the
-    #                                   card's fastest for an actor's threads on this CPU (else 8; 32 on a GPU)
-    batch_actors: int = 0             # ONNX Runtime actors; 0: one per `batch_threads` CPUs (one per GPU on GPUs)
-    batch_threads: int = 1            # intra-op threads per actor; the actor holds this many of Ray's CPUs
+    #                                   card's fastest for lanes of `batch_threads` on this CPU (else 8; 32 on a GPU)
+    batch_actors: int = 0             # ONNX Runtime actors; 0: one a machine, with a lane (a call at a time) per
+    #                                   `batch_threads` CPUs (one per GPU on GPUs)
+    batch_threads: int = 1            # intra-op threads per lane; an actor holds this many of Ray's CPUs a lane
     batch_part_rows: int = 1000       # results per part file: what a crash can cost at most
 
     def __post_init__(self):

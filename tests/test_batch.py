@@ -154,6 +154,20 @@ def test_an_actors_onnx_runtime_calls_take_the_cards_fastest_batch_for_its_threa
     assert batch.call_size_here(other, threads=1, gpu=False) == 8
 
 
+def test_cpu_scoring_starts_an_actor_a_machine_with_a_lane_per_batch_threads_cpus():
+    """(actors, lanes each) from each Ray node's CPUs: one worker process a machine imports Ray Data and loads the
+    model, not one a lane; unequal machines get lanes of the smallest; `batch_actors` shares the lanes out."""
+    assert batch.LANES_PER_ACTOR == 4
+    assert batch.cpu_actors([2], P) == (1, 2)
+    assert batch.cpu_actors([3, 3], P) == (2, 3)
+    assert batch.cpu_actors([8, 8], P) == (4, 4)            # at most LANES_PER_ACTOR calls in one process
+    assert batch.cpu_actors([3, 8], P) == (3, 3)            # lanes of the smaller machine
+    assert batch.cpu_actors([0, 4], P) == (1, 4)            # a head node that runs nothing
+    assert batch.cpu_actors([8], Params(batch_threads=2)) == (1, 4)
+    assert batch.cpu_actors([1], Params(batch_threads=2)) == (1, 1)
+    assert batch.cpu_actors([2], Params(batch_actors=2)) == (2, 1)  # an actor a lane, as before
+
+
 def test_the_server_does_not_import_ray():
     code = "import sys, serve.app, serve.predict_folder; print('ray' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
