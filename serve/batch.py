@@ -157,11 +157,14 @@ def cpu_actors(node_cpus, p):
     130.1/130.0, 135.9/128.2, 128.0/123.0/126.6 and 120.7/121.5/121.3; a 16-image job 1.88-2.25 s against
     1.68-1.82 s."""
     lanes = [int(cpus) // p.batch_threads for cpus in node_cpus]
-    total = max(1, sum(lanes))
+    if not any(lanes):              # an actor that asks for more CPUs than any machine has would wait forever
+        raise UserError(f"serve.batch_threads is {p.batch_threads}, but no machine of the Ray cluster has that many "
+                        f"CPUs (they have {sorted(int(c) for c in node_cpus)}): lower it")
+    total = sum(lanes)
     if p.batch_actors:
         return p.batch_actors, max(1, total // p.batch_actors)
-    each = min(LANES_PER_ACTOR, min((n for n in lanes if n > 0), default=1))
-    return max(1, total // each), each
+    each = min(LANES_PER_ACTOR, min(n for n in lanes if n > 0))
+    return total // each, each
 
 
 def call_size_here(card, threads, gpu):

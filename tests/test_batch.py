@@ -164,7 +164,8 @@ def test_cpu_scoring_starts_an_actor_a_machine_with_a_lane_per_batch_threads_cpu
     assert batch.cpu_actors([3, 8], P) == (3, 3)            # lanes of the smaller machine
     assert batch.cpu_actors([0, 4], P) == (1, 4)            # a head node that runs nothing
     assert batch.cpu_actors([8], Params(batch_threads=2)) == (1, 4)
-    assert batch.cpu_actors([1], Params(batch_threads=2)) == (1, 1)
+    with pytest.raises(UserError, match="serve.batch_threads is 2, but no machine"):
+        batch.cpu_actors([1, 0], Params(batch_threads=2))
     assert batch.cpu_actors([2], Params(batch_actors=2)) == (2, 1)  # an actor a lane, as before
 
 
