@@ -14,8 +14,6 @@ errors/part-NNNNN.parquet (path, kind, error, model_sha256); paths are relative 
 in .csv: the parts live in OUT.parts/ and OUT is predict_folder's CSV (path, top1, probability, top_k,
 abstained, reason, error) plus model_sha256, sorted by path.
 """
-import csv
-import json
 import queue
 import tempfile
 from pathlib import Path
@@ -24,20 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from serve.model import InputError, Model, Params, policy, preprocess, top_k
+from serve.parts import SCHEMA, finished, part_files, write_csv, write_part
 from stages import throughput
 from stages.card import write_card
-from stages.config import UserError, atomic_write, cli, load_section, parser
+from stages.config import UserError, cli, load_section, parser
 
-PREDICTIONS, ERRORS = "predictions", "errors"
-SCHEMA = pa.schema([("path", pa.string()), ("top1", pa.string()), ("probability", pa.float64()),
-                    ("top_k_classes", pa.list_(pa.string())), ("top_k_probabilities", pa.list_(pa.float64())),
-                    ("abstained", pa.bool_()), ("reason", pa.string()), ("kind", pa.string()), ("error", pa.string())])
-COLUMNS = {PREDICTIONS: ["path", "top1", "probability", "top_k_classes", "top_k_probabilities", "abstained",
-                         "reason"],
-           ERRORS: ["path", "kind", "error"]}
 # calls at once in one actor at most: the server shows one process keeping 2 cores busy with ONNX Runtime beside
 # Python's decode and bookkeeping (its GIL shared); how far that goes on bigger machines is not measured here, so
 # their lanes go to more actors, each a worker process that imports Ray Data and loads the model once a job
@@ -192,32 +183,6 @@ def cuda_runner(path):
     return types.SimpleNamespace(run=lambda x: sess.run(None, {name: x}))
 
 
-def part_files(folder):
-    return sorted(p for name in COLUMNS for p in (Path(folder) / name).glob("part-*.parquet"))
-
-
-def finished(folder, sha):
-    """The paths the parts under `folder` already account for; UserError if another model wrote them."""
-    done = set()
-    for part in part_files(folder):
-        t = pq.read_table(part, columns=["path", "model_sha256"])
-        others = set(t["model_sha256"].to_pylist()) - {sha}
-        if others:
-            raise UserError(f"{folder} holds results of the model with SHA-256 {others.pop()}, not {sha}: "
-                            "write to another output, or remove it to start over")
-        done.update(t["path"].to_pylist())
-    return done
-
-
-def write_part(folder, table, sha, index):
-    """One batch of results as part `index` of the predictions and the errors tables, each file atomically."""
-    failed = pc.not_equal(table["kind"], "")
-    for name, rows in ((PREDICTIONS, table.filter(pc.invert(failed))), (ERRORS, table.filter(failed))):
-        if rows.num_rows:
-            rows = rows.select(COLUMNS[name]).append_column("model_sha256", pa.array([sha] * rows.num_rows))
-            atomic_write(Path(folder) / name / f"part-{index:05d}.parquet", lambda tmp: pq.write_table(rows, tmp))
-
-
 def score(todo, fs, root, model, p):
     """Ray Data over `todo` ([{"path", "size"}]): pyarrow tables of results, `batch_part_rows` rows each."""
     from stages.cluster import ray_init
@@ -284,36 +249,6 @@ def run(card, images, out, p):
     if out.suffix == ".csv":
         write_csv(folder, out)
     return counts
-
-
-def read_tables(folder):
-    """(predictions, errors) as pyarrow tables from the parts under `folder`."""
-    def read(name):
-        parts = sorted((Path(folder) / name).glob("part-*.parquet"))
-        schema = pa.schema([SCHEMA.field(c) for c in COLUMNS[name]] + [("model_sha256", pa.string())])
-        return pa.concat_tables([pq.read_table(f) for f in parts]) if parts else schema.empty_table()
-    return read(PREDICTIONS), read(ERRORS)
-
-
-def write_csv(folder, out):
-    """predict_folder's CSV (one row per file, sorted by path) from the parts."""
-    preds, errors = read_tables(folder)
-    rows = [{"path": r["path"], "top1": r["top1"], "probability": f"{r['probability']:.6f}",
-             "top_k": json.dumps([{"class": c, "probability": q}
-                                  for c, q in zip(r["top_k_classes"], r["top_k_probabilities"])]),
-             "abstained": r["abstained"], "reason": r["reason"] or "", "error": "", "model_sha256": r["model_sha256"]}
-            for r in preds.to_pylist()]
-    rows += [{"path": r["path"], "top1": "", "probability": "", "top_k": "", "abstained": "", "reason": "",
-              "error": r["error"], "model_sha256": r["model_sha256"]} for r in errors.to_pylist()]
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, ["path", "top1", "probability", "top_k", "abstained", "reason", "error",
-                                   "model_sha256"])
-            w.writeheader()
-            w.writerows(sorted(rows, key=lambda r: r["path"]))
-
-    atomic_write(out, write)
 
 
 def main():

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from serve import batch, predict_folder
+from serve import batch, parts, predict_folder
 from serve.model import Params
 from stages.config import UserError
 from tests.conftest import ROOT
@@ -33,7 +33,7 @@ def probes(folder, n=len(PROBES)):
 
 def tables(folder):
     return [pq.read_table(folder / name).to_pylist() if (folder / name).exists() else []
-            for name in (batch.PREDICTIONS, batch.ERRORS)]
+            for name in (parts.PREDICTIONS, parts.ERRORS)]
 
 
 def test_ray_data_matches_offline_onnx_runtime_and_the_single_process_csv(card, ray_local, tmp_path):
