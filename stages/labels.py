@@ -48,19 +48,22 @@ class Params:
             raise UserError(f"labels.label_issue: '{self.label_issue}' is not one of {', '.join(ACTIONS)}")
 
 
-def features(rows, classes, tp, device):
-    """Frozen body features of `rows` at test size, the backbone built as train builds it (seed first)."""
+def features(seen, val, classes, tp, device):
+    """Frozen body features, the backbone built as train builds it (seed first): ((x, y, image) of `seen` under
+    train's probe views, arranged as stages.probe wants them; (x, y) of `val`'s plain view at test size)."""
     torch.manual_seed(tp.seed)
     model, pp = backbones.create(tp.backbone, tp.weights, len(classes), tp.dropout)
-    pp = pp.at_size(tp.test_size)
-    x, y, _ = train.probe_features(model.to(device), rows, classes, tp, device, [presets.eval_transform(pp)])
-    return x, y
+    model, pp = model.to(device), pp.at_size(tp.test_size)
+    x, y, image, _ = train.probe_rows(model, [seen], classes, train.probe_views(pp, tp), tp, device)
+    plain = train.probe_features(model, val, classes, tp, device, [presets.eval_transform(pp)])[:2] if val else ()
+    return (x, y, image), plain
 
 
-def out_of_sample(x, y, tp):
-    """(probabilities [n, k] from probes that never saw the row, C, report): k folds, C chosen like train's."""
-    c, cv = choose_c(x, y, np.arange(len(y)), tp)
-    logits = torch.from_numpy(out_of_fold(x, y, c, tp.lp_folds, tp.seed, tp.balance != "none"))
+def out_of_sample(x, y, image, tp):
+    """(probabilities [images, k] from probes that never saw the image, C, report): k folds, C chosen like
+    train's."""
+    c, cv = choose_c(x, y, image, tp)
+    logits = torch.from_numpy(out_of_fold(x, y, c, tp.lp_folds, tp.seed, tp.balance != "none", image=image))
     return logits.softmax(1).numpy().astype(np.float64), c, cv
 
 
@@ -121,14 +124,15 @@ def run(manifest, out_dir, p, tp, device="cpu"):
     t0 = time.perf_counter()
     seen, classes = read_manifest(manifest, {"train", "holdout"})
     val, _ = read_manifest(manifest, {"val"})
-    x, y = features(seen + val, classes, tp, device)
-    xs, ys, xv, yv = x[:len(seen)], y[:len(seen)], x[len(seen):], y[len(seen):]
-    probs, c, cv = out_of_sample(xs, ys, tp)
+    (xs, y, image), plain = features(seen, val, classes, tp, device)
+    probs, c, cv = out_of_sample(xs, y, image, tp)
+    ys = y[:len(seen)]
     mine = ranked_issues(ys, probs, p.filter_by)
     sure = int(mine[1].sum())
     issues = issue_rows(seen, ys, probs, mine, classes, "drop" if p.label_issue == "drop" else "keep")
-    if len(val):
-        vprobs = head_logits(xv, *fit_probe(xs, ys, c, tp.balance != "none")).softmax(1).numpy().astype(np.float64)
+    if val:
+        xv, yv = plain
+        vprobs = head_logits(xv, *fit_probe(xs, y, c, tp.balance != "none")).softmax(1).numpy().astype(np.float64)
         issues += issue_rows(val, yv, vprobs, ranked_issues(yv, vprobs, p.filter_by), classes, "report")
     out = Path(out_dir)
     write_csv(out / "issues.csv", issues, FIELDS)

@@ -123,6 +123,17 @@ def eval_transform(pp):
     return EvalTransform(pp)
 
 
+class Mirrored:
+    """`transform`'s output flipped left to right: the mirror view train's probe also fits (see
+    stages.train.probe_views). A class, not a lambda: DataLoader worker processes pickle it."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, im):
+        return self.transform(im).flip(-1)
+
+
 def train_transform(pp, scale=(0.35, 1.0), hflip=0.5, policy="none"):
     """Random resized crop and flip, plus an optional automatic augmentation policy."""
     from torchvision.transforms import v2 as T

@@ -34,44 +34,50 @@ def head_logits(x, weight, bias):
     return torch.tensor(x, dtype=torch.float) @ weight.T + bias
 
 
-def choose_c(x, y, image, p):
-    """The probe's regularisation by stratified k-fold cross-validation over whole images (a picture's
-    augmented views stay on one side; the first rows are each image's plain view, in `image` order):
-    out-of-fold accuracy, then log-loss on ties. Returns (C, report)."""
+def image_folds(image, labels, folds, seed):
+    """Stratified, shuffled k-fold splits over whole images, a picture's views on one side: (a mask of the rows
+    to fit, the images to score). Rows 0..n-1 are each image's plain view in image order (`labels` are theirs);
+    the rows after them are further views of the same images, `image` naming whose each row is."""
     from sklearn.model_selection import StratifiedKFold
 
-    plain = image[:len(np.unique(image))]           # view 0 of each image, in order
-    labels = y[:len(plain)]
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels):
+        yield np.isin(image, tr), te
+
+
+def choose_c(x, y, image, p):
+    """The probe's regularisation by stratified k-fold cross-validation over whole images (`image_folds`):
+    out-of-fold accuracy on the images' plain views, then log-loss on ties. Returns (C, report)."""
+    labels = y[:len(np.unique(image))]
     folds = min(p.lp_folds, np.bincount(labels).min())
     if folds < 2:
         return 1.0, {"lp_c": 1.0, "cv_folds": 0}
     scores = []
     for c in p.lp_cs:
         right, loss, per_fold = 0, 0.0, []
-        for tr, te in StratifiedKFold(folds, shuffle=True, random_state=p.seed).split(plain, labels):
-            w, b = fit_probe(x[np.isin(image, tr)], y[np.isin(image, tr)], c, p.balance != "none")
+        for fit, te in image_folds(image, labels, folds, p.seed):
+            w, b = fit_probe(x[fit], y[fit], c, p.balance != "none")
             out = head_logits(x[te], w, b)
             hits = (out.argmax(1).numpy() == labels[te])
             right, per_fold = right + hits.sum(), per_fold + [hits.mean()]
             loss += F.cross_entropy(out, torch.tensor(labels[te]), reduction="sum").item()
-        scores.append((right / len(plain), -loss / len(plain), np.std(per_fold), c))
+        scores.append((right / len(labels), -loss / len(labels), np.std(per_fold), c))
     acc, neg_loss, spread, c = max(scores)
     return c, {"lp_c": c, "cv_folds": int(folds), "cv_acc": round(float(acc), 4),
                "cv_acc_std": round(float(spread), 4), "cv_loss": round(-neg_loss, 4)}
 
 
-def out_of_fold(x, y, c, folds, seed, balanced, per_row=False):
-    """Logits [n, k] of every row from a probe fitted on the other folds (stratified, shuffled by `seed`, at
-    least 2): what the probe says about images it never saw (the labels audit, the trust fit). `per_row`: each
-    fold's C is c * n / (rows it fits), so that its penalty weighs against each row as the probe's fitted on all
-    n rows does (scikit-learn's C multiplies the summed loss): fewer rows at the same C make a more strongly
-    regularised, less confident probe, and a temperature fitted on its logits too low for the shipped one."""
-    from sklearn.model_selection import StratifiedKFold
-
-    out = np.zeros((len(y), int(y.max()) + 1), np.float32)
-    for tr, te in StratifiedKFold(max(2, min(folds, np.bincount(y).min())), shuffle=True,
-                                  random_state=seed).split(x, y):
-        out[te] = head_logits(x[te], *fit_probe(x[tr], y[tr], c * len(y) / len(tr) if per_row else c,
+def out_of_fold(x, y, c, folds, seed, balanced, per_row=False, image=None):
+    """Logits [n, k] of every image's plain view from a probe fitted on the other folds' rows (`image_folds`, at
+    least 2; `image` None: a row an image): what the probe says about images it never saw (the labels audit, the
+    trust fit). `per_row`: each fold's C is c * rows / (rows it fits), so that its penalty weighs against each row
+    as the probe's fitted on all rows does (scikit-learn's C multiplies the summed loss): fewer rows at the same C
+    make a more strongly regularised, less confident probe, and a temperature fitted on its logits too low for the
+    shipped one."""
+    image = np.arange(len(y)) if image is None else image
+    labels = y[:len(np.unique(image))]
+    out = np.zeros((len(labels), int(y.max()) + 1), np.float32)
+    for fit, te in image_folds(image, labels, max(2, min(folds, np.bincount(labels).min())), seed):
+        out[te] = head_logits(x[te], *fit_probe(x[fit], y[fit], c * len(y) / fit.sum() if per_row else c,
                                                 balanced)).numpy()
     return out
 

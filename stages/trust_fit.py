@@ -3,14 +3,16 @@
 `trusted` appends the `ood_score` output (stages/ood.py) to the chosen file, its KNN bank built through that
 file, then fits temperature, abstention and OOD thresholds (stages/trust.py) on held-out logits and scores.
 """
+import dataclasses
+
 import numpy as np
 import onnx
 import torch
 
-from stages import loading, ood, presets, probe, quantize, runtime, trust
+from stages import loading, ood, probe, quantize, runtime, trust
 from stages.config import UserError
 from stages.export import predict_onnx
-from stages.train import Params as TrainParams, probe_features
+from stages.train import Params as TrainParams, probe_rows, probe_views
 
 # folds of the out-of-fold probe logits the temperature is fitted on, at least: a tenth of the rows left out, not
 # train's fifth (shipped data, val ECE after scaling: 0.0329 at 5 folds, 0.0276 at 10 with C matched per row)
@@ -21,17 +23,17 @@ def heldout_logits(model, ckpt, chosen, chosen_file, hold, rows, classes, pp, p)
     """(logits, labels) of images the shipped model was not fitted on, for `trust.fit`: the chosen file's on
     holdout; but a probe refitted on train + holdout (the probe kept, and the variant not pruned: pruning refits
     its own head and body) has seen holdout, and its holdout logits are overconfident, so then out-of-fold probe
-    logits over train + holdout on the frozen body, at train's C per row and at least TRUST_FOLDS folds, the
-    chosen file's preprocessing `pp` (PyTorch: the FP32 ONNX file's to 1e-5; an INT8 file's differ by its
-    rounding)."""
+    logits over train + holdout on the frozen body (each fold fitted on train's probe views of its images), at
+    train's C per row and at least TRUST_FOLDS folds, the chosen file's preprocessing `pp` (PyTorch: the FP32 ONNX
+    file's to 1e-5; an INT8 file's differ by its rounding)."""
     sel, tp = ckpt.get("selection", {}), ckpt["params"]
     if sel.get("kept") != "linear_probe" or chosen.startswith("pruned"):
         return predict_onnx(runtime.session(chosen_file, p.threads), hold)
-    x, y, _ = probe_features(model, rows, classes, TrainParams(batch_size=p.batch_size, seed=tp["seed"]), "cpu",
-                             [presets.eval_transform(pp)])
+    fp = dataclasses.replace(TrainParams(**tp), batch_size=p.batch_size)
+    x, y, image, _ = probe_rows(model, [rows], classes, probe_views(pp, fp), fp, "cpu")
     out = probe.out_of_fold(x, y, sel.get("lp_c", 1.0), max(tp["lp_folds"], TRUST_FOLDS), tp["seed"],
-                            tp["balance"] != "none", per_row=True)
-    return torch.from_numpy(out), torch.from_numpy(y)
+                            tp["balance"] != "none", per_row=True, image=image)
+    return torch.from_numpy(out), torch.from_numpy(y[:len(rows)])
 
 
 def with_ood(chosen_file, train, classes, pp, path, p):

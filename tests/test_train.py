@@ -81,6 +81,27 @@ def test_test_size_raises_the_test_resolution_and_keeps_the_training_crops(tmp_p
     assert native.at_size(0) == native
 
 
+def test_probe_views_mirror_and_both_sizes_and_cross_validation_keeps_an_images_views_together():
+    """The probe fits the plain view at test size, the picture at the training crops' size, and both mirrored
+    (none with hflip 0); its folds score plain views of images none of whose views they fitted."""
+    import numpy as np
+    from PIL import Image
+
+    pp = train.backbones.create("test_efficientnet", "none", 2)[1]
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), np.uint8))
+    big = pp.at_size(pp.input_size + 32)
+    views = train.probe_views(big, train.Params(**TINY, hflip=0.5))
+    out = [v(im) for v in views]
+    assert [o.shape[-1] for o in out] == [big.input_size, pp.input_size, big.input_size, pp.input_size, pp.input_size]
+    assert torch.equal(out[2], out[0].flip(-1)) and torch.equal(out[3], out[1].flip(-1))
+    assert len(train.probe_views(big, train.Params(**{**TINY, "hflip": 0, "lp_views": 1}))) == 2
+    assert len(train.probe_views(pp, train.Params(**{**TINY, "lp_views": 1}))) == 2       # plain and mirror
+    image = np.tile(np.arange(20), 3)                                   # 20 images, 3 views each
+    labels = np.repeat([0, 1], 10)
+    for fit, te in probe.image_folds(image, labels, 5, 0):
+        assert not set(image[fit]) & set(te) and set(image[fit]) | set(te) == set(range(20))
+
+
 def test_earned_needs_a_gain_beyond_the_holdouts_noise():
     labels = torch.zeros(48, dtype=torch.long)
     right, wrong = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
