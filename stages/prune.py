@@ -125,11 +125,10 @@ def run(checkpoint, manifest, out_dir, p, device="cpu", exclude=()):
     t0 = time.perf_counter()
     recalibrate_bn(model, train.loader(train_rows, classes, presets.eval_transform(pp), 32), device)
     acc["recalibrated"] = holdout_score(model, hold, device)[0]
-    known = {f.name for f in dataclasses.fields(train.Params)}
-    recovery = dataclasses.replace(train.Params(**{k: v for k, v in ckpt["params"].items() if k in known}),
-                                   ft_epochs=p.epochs, ft_lr=p.lr, ft_backbone_lr=p.backbone_lr, select="best",
-                                   patience=0, seed=p.seed)
-    history = [train.linear_probe(model, train_rows, hold_rows, classes, pp, recovery, device)[0]]
+    recovery = dataclasses.replace(train.saved_params(ckpt), ft_epochs=p.epochs, ft_lr=p.lr,
+                                   ft_backbone_lr=p.backbone_lr, select="best", patience=0, seed=p.seed)
+    history = [train.linear_probe(model, train_rows, hold_rows, classes, train.probe_views(pp, recovery), recovery,
+                                  device)[0]]
     if p.epochs:        # "best" against the refit head's score: epochs that do not help on holdout are not kept
         start = (history[0]["holdout_acc"], -history[0]["holdout_loss"])
         train.finetune(model, train_rows, hold_rows, classes, pp, recovery, device, start, history)

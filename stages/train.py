@@ -78,6 +78,12 @@ class Params:
                             f"not {self.loader_workers}")
 
 
+def saved_params(ckpt):
+    """A checkpoint's train params as `Params`, the keys this version does not know left out."""
+    known = {f.name for f in dataclasses.fields(Params)}
+    return Params(**{k: v for k, v in ckpt["params"].items() if k in known})
+
+
 def eval_loader(rows, classes, pp, p, device, shard=SOLO, transform=None, seed=0):
     """This process's share of `rows` in order, under the eval transform (or `transform`), decoded from the original
     files: the probe and the holdout choices see the pixels evaluate and the server see. prepare's cached copies
