@@ -50,11 +50,11 @@ class Params:
 
 def features(seen, val, classes, tp, device):
     """Frozen body features, the backbone built as train builds it (seed first): ((x, y, image) of `seen` under
-    train's probe views, arranged as stages.probe wants them; (x, y) of `val`'s plain view at test size)."""
+    train's probe views; (x, y) of `val`'s plain view at test size)."""
     torch.manual_seed(tp.seed)
     model, pp = backbones.create(tp.backbone, tp.weights, len(classes), tp.dropout)
     model, pp = model.to(device), pp.at_size(tp.test_size)
-    x, y, image, _ = train.probe_rows(model, [seen], classes, train.probe_views(pp, tp), tp, device)
+    x, y, image = train.probe_features(model, seen, classes, tp, device, train.probe_views(pp, tp))
     plain = train.probe_features(model, val, classes, tp, device, [presets.eval_transform(pp)])[:2] if val else ()
     return (x, y, image), plain
 

@@ -107,7 +107,8 @@ def holdout_score(logits, labels):
 
 def probe_features(model, rows, classes, p, device, views, shard=SOLO):
     """Body features of `rows` under each transform in `views`: (x [views*n, d] float64, y [views*n], image
-    index). Held once as float32 per view and once as the float64 result: 12 bytes per image, view and feature."""
+    index), view by view, so that every image's first view comes first and in order, as stages.probe wants them.
+    Held once as float32 per view and once as the float64 result: 12 bytes per image, view and feature."""
     feats = [predict(model.body, eval_loader(rows, classes, None, p, device, shard, tf, p.seed + i), device,
                      f"train: features, view {i + 1}/{len(views)}" if len(rows) > 64 else None, shard)
              for i, tf in enumerate(views)]
@@ -129,17 +130,6 @@ def probe_views(pp, p):
         [presets.train_transform(pp, p.crop_scale, p.hflip, p.policy)] * (p.lp_views - 1)
 
 
-def probe_rows(model, row_sets, classes, views, p, device, shard=SOLO):
-    """Features of every set of rows under `views`, arranged as stages.probe wants them: every image's plain view
-    first (the sets one after another), then the other views. Returns (x, y, image, where each set's images
-    start)."""
-    feats = [probe_features(model, rows, classes, p, device, views, shard) for rows in row_sets]
-    starts = np.cumsum([0] + [len(rows) for rows in row_sets])
-    parts = [(x[v * len(r):(v + 1) * len(r)], y[v * len(r):(v + 1) * len(r)], starts[i] + np.arange(len(r)))
-             for v in range(len(views)) for i, ((x, y, _), r) in enumerate(zip(feats, row_sets))]
-    return (*(np.concatenate([part[j] for part in parts]) for j in range(3)), starts)
-
-
 def linear_probe(model, train_rows, hold_rows, classes, views, p, device, shard=SOLO):
     """The head as a logistic regression on cached body features (`probe_views` of every image), its
     regularisation chosen by k-fold cross-validation on train + holdout (never by the best step on a few dozen
@@ -148,12 +138,12 @@ def linear_probe(model, train_rows, hold_rows, classes, views, p, device, shard=
     The model gets the head fitted on train alone: it scores holdout honestly and is where fine-tuning
     starts. Returns the history row, that head's holdout logits, and the (weight, bias) refitted on
     train + holdout: the probe to keep when the body stays frozen, and the baseline evaluate reports."""
-    x, y, image, starts = probe_rows(model, [train_rows, hold_rows], classes, views, p, device, shard)
+    n, end = len(train_rows), len(train_rows) + len(hold_rows)
+    x, y, image = probe_features(model, train_rows + hold_rows, classes, p, device, views, shard)
     c, cv = choose_c(x, y, image, p)
-    held = image >= starts[1]
-    w, b = fit_probe(x[~held], y[~held], c, p.balance != "none")
-    hold_logits = head_logits(x[starts[1]:starts[2]], w, b)
-    score = holdout_score(hold_logits, torch.tensor(y[starts[1]:starts[2]]))
+    w, b = fit_probe(x[image < n], y[image < n], c, p.balance != "none")
+    hold_logits = head_logits(x[n:end], w, b)                  # holdout's plain views
+    score = holdout_score(hold_logits, torch.tensor(y[n:end]))
     set_head(model.head, w.to(device), b.to(device))
     row = {"phase": "linear_probe", "epoch": 0, "train_loss": "", "holdout_loss": round(-score[1], 4),
            "holdout_acc": round(score[0], 4), "lp_views": len(views), **cv}
