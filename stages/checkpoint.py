@@ -6,6 +6,8 @@ A checkpoint is a dict of plain tensors, strings and numbers (`torch.load(weight
 `built_on`, the CPU of the machine that wrote it (float results differ in the last bits between instruction
 sets: TRAPS.md). Same inputs on one machine give the same bytes (`save_checkpoint`).
 """
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -15,6 +17,13 @@ from stages.machine import cpu
 
 # The integer attributes that size a layer: what a pruned network's modules need set before its tensors load.
 WIDTHS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
+
+
+def saved_params(ckpt, cls):
+    """A checkpoint's `params` as the dataclass `cls` (train's Params), the keys this version does not know left
+    out."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in ckpt["params"].items() if k in known})
 
 
 def save_checkpoint(path, ckpt):

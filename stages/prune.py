@@ -19,7 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from stages import presets, train
-from stages.checkpoint import load_checkpoint, load_model, save_checkpoint, widths
+from stages.checkpoint import load_checkpoint, load_model, save_checkpoint, saved_params, widths
 from stages.config import UserError, atomic_text, cli, load_section, parser, stage_device
 from stages.manifest import read_manifest, read_paths
 
@@ -125,7 +125,7 @@ def run(checkpoint, manifest, out_dir, p, device="cpu", exclude=()):
     t0 = time.perf_counter()
     recalibrate_bn(model, train.loader(train_rows, classes, presets.eval_transform(pp), 32), device)
     acc["recalibrated"] = holdout_score(model, hold, device)[0]
-    recovery = dataclasses.replace(train.saved_params(ckpt), ft_epochs=p.epochs, ft_lr=p.lr,
+    recovery = dataclasses.replace(saved_params(ckpt, train.Params), ft_epochs=p.epochs, ft_lr=p.lr,
                                    ft_backbone_lr=p.backbone_lr, select="best", patience=0, seed=p.seed)
     history = [train.linear_probe(model, train_rows, hold_rows, classes, train.probe_views(pp, recovery), recovery,
                                   device)[0]]

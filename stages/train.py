@@ -2,8 +2,8 @@
 
 Strategies: `linear_probe` (frozen body: its features are computed once and the head trains on that cache),
 `finetune` (all weights), `lp_ft` (the head first, then everything at a lower backbone learning rate).
-Model selection (the head's best step; with `select: best`, the fine-tune epoch) uses the manifest's
-`holdout` slice of train; `val` is never seen here. With `workers > 1` the same recipe (`fit`) runs
+Model selection (whether fine-tuning earned its place; with `select: best`, the fine-tune epoch) uses the
+manifest's `holdout` slice of train; `val` is never seen here. With `workers > 1` the same recipe (`fit`) runs
 data-parallel on Ray Train (stages/distributed.py); the input pipeline is stages/loading.py.
 """
 import copy
@@ -43,8 +43,7 @@ class Params:
     weight_decay: float = 1e-4
     lp_cs: tuple = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)   # probe: inverse L2 strengths
     lp_folds: int = 5                  # cross-validation folds over train + holdout that choose among lp_cs
-    lp_views: int = 1                  # cached augmented views per image, the plain ones counted as 1 (see
-                                       # probe_views for the deterministic views besides)
+    lp_views: int = 1                  # 1 + augmented views per image, besides probe_views' deterministic ones
     ft_epochs: int = 3
     ft_lr: float = 1e-3                # head learning rate while fine-tuning
     ft_backbone_lr: float = 1e-4
@@ -78,17 +77,11 @@ class Params:
                             f"not {self.loader_workers}")
 
 
-def saved_params(ckpt):
-    """A checkpoint's train params as `Params`, the keys this version does not know left out."""
-    known = {f.name for f in dataclasses.fields(Params)}
-    return Params(**{k: v for k, v in ckpt["params"].items() if k in known})
-
-
 def eval_loader(rows, classes, pp, p, device, shard=SOLO, transform=None, seed=0):
     """This process's share of `rows` in order, under the eval transform (or `transform`), decoded from the original
     files: the probe and the holdout choices see the pixels evaluate and the server see. prepare's cached copies
-    (downscaled, re-encoded) are for the fine-tune epochs; fitting the probe on them cost trashnet 1.3 points of
-    val accuracy at 256 px (0.8278 against 0.8411 on the originals; see benchmarks/DATASETS.md)."""
+    (downscaled, re-encoded) are for the fine-tune epochs; the probe lost accuracy on them (the README's table
+    across data sets)."""
     return loader(rows, classes, transform or presets.eval_transform(pp), p.batch_size, seed=seed, column="path",
                   workers=loader_workers(p.loader_workers, shard.cpus, device), device=device, shard=shard)
 
@@ -120,10 +113,8 @@ def probe_views(pp, p):
     """The transforms whose features the probe fits, the plain view (the eval transform at `pp`'s size) first:
     its mirror where training flips (`hflip` > 0); the same again at the training crops' size where `pp` tests at
     another; then `lp_views` - 1 augmented views. The deterministic views are pictures the model may meet at test
-    time, no augmentation policy's distortions. On the four sets of benchmarks/DATASETS.md (2026-12-07), against
-    the plain view alone at 256 px, they moved trashnet from 0.8411 to 0.8477 val accuracy and oxford17 from 0.9804 to
-    0.9853, and left hymenoptera and monkeys where they were; the plain view at 224 px alone was worse on two of
-    the four (hymenoptera, oxford17), better on trashnet."""
+    time, no augmentation policy's distortions (measured against the plain view alone: the README's table across
+    data sets)."""
     sizes = [pp] + ([pp.at_size(pp.train_size)] if pp.train_size and pp.train_size != pp.input_size else [])
     plain = [presets.eval_transform(s) for s in sizes]
     return plain + ([presets.Mirrored(v) for v in plain] if p.hflip > 0 else []) + \
@@ -131,13 +122,10 @@ def probe_views(pp, p):
 
 
 def linear_probe(model, train_rows, hold_rows, classes, views, p, device, shard=SOLO):
-    """The head as a logistic regression on cached body features (`probe_views` of every image), its
-    regularisation chosen by k-fold cross-validation on train + holdout (never by the best step on a few dozen
-    holdout images).
-
-    The model gets the head fitted on train alone: it scores holdout honestly and is where fine-tuning
-    starts. Returns the history row, that head's holdout logits, and the (weight, bias) refitted on
-    train + holdout: the probe to keep when the body stays frozen, and the baseline evaluate reports."""
+    """The head as a logistic regression on cached body features (`views` of every image), its regularisation
+    chosen by k-fold cross-validation on train + holdout. The model gets the head fitted on train alone: it scores
+    holdout honestly and is where fine-tuning starts. Returns the history row, that head's holdout logits, and the
+    (weight, bias) refitted on train + holdout: the probe to keep when the body stays frozen, evaluate's baseline."""
     n, end = len(train_rows), len(train_rows) + len(hold_rows)
     x, y, image = probe_features(model, train_rows + hold_rows, classes, p, device, views, shard)
     c, cv = choose_c(x, y, image, p)
@@ -147,8 +135,8 @@ def linear_probe(model, train_rows, hold_rows, classes, views, p, device, shard=
     set_head(model.head, w.to(device), b.to(device))
     row = {"phase": "linear_probe", "epoch": 0, "train_loss": "", "holdout_loss": round(-score[1], 4),
            "holdout_acc": round(score[0], 4), "lp_views": len(views), **cv}
-    shard.say(f"train: linear probe C={c} cross-validated accuracy {cv.get('cv_acc', '-')} "
-              f"(+/- {cv.get('cv_acc_std', '-')} over {cv['cv_folds']} folds, {len(views)} views an image), "
+    shard.say(f"train: linear probe C={c} cross-validated accuracy {cv.get('cv_acc', '-')} (+/- "
+              f"{cv.get('cv_acc_std', '-')} over {cv['cv_folds']} folds, {len(views)} views), "
               f"holdout {row['holdout_acc']}")
     return row, hold_logits, fit_probe(x, y, c, p.balance != "none")
 

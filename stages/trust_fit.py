@@ -10,9 +10,10 @@ import onnx
 import torch
 
 from stages import loading, ood, probe, quantize, runtime, trust
+from stages.checkpoint import saved_params
 from stages.config import UserError
 from stages.export import predict_onnx
-from stages.train import probe_features, probe_views, saved_params
+from stages.train import Params as TrainParams, probe_features, probe_views
 
 # folds of the out-of-fold probe logits the temperature is fitted on, at least: a tenth of the rows left out, not
 # train's fifth (shipped data, val ECE after scaling: 0.0329 at 5 folds, 0.0276 at 10 with C matched per row)
@@ -29,7 +30,7 @@ def heldout_logits(model, ckpt, chosen, chosen_file, hold, rows, classes, pp, p)
     sel, tp = ckpt.get("selection", {}), ckpt["params"]
     if sel.get("kept") != "linear_probe" or chosen.startswith("pruned"):
         return predict_onnx(runtime.session(chosen_file, p.threads), hold)
-    fp = dataclasses.replace(saved_params(ckpt), batch_size=p.batch_size)
+    fp = dataclasses.replace(saved_params(ckpt, TrainParams), batch_size=p.batch_size)
     x, y, image = probe_features(model, rows, classes, fp, "cpu", probe_views(pp, fp))
     out = probe.out_of_fold(x, y, sel.get("lp_c", 1.0), max(tp["lp_folds"], TRUST_FOLDS), tp["seed"],
                             tp["balance"] != "none", per_row=True, image=image)
