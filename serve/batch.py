@@ -217,7 +217,9 @@ def score(todo, fs, root, model, p):
                                                    k=p.top_k, gpu=bool(gpus), call_size=p.batch_size,
                                                    read=None if gpus else read, lanes=lanes),
                         **per_actor)
-    yield from ds.iter_batches(batch_size=p.batch_part_rows, batch_format="pyarrow")
+    # no prefetch: with Ray Data's default of one batch, each batch waits until the next one is ready too (a
+    # 2,000-image job wrote both of its 1,000-row parts at its very end, so a crash lost everything scored)
+    yield from ds.iter_batches(batch_size=p.batch_part_rows, batch_format="pyarrow", prefetch_batches=0)
 
 
 def run(card, images, out, p):

@@ -121,6 +121,55 @@ def test_a_job_killed_halfway_is_resumed_scoring_only_the_rest(card, ray_local, 
     assert batch.run(card, images, out, Params(**args)) == {"skipped": 20, "predicted": 0, "errors": 0}
 
 
+GATED = """
+import os, sys, time
+from pathlib import Path
+import fsspec
+import pyarrow.fs as pafs
+from serve import batch
+from serve.model import Params
+card, images, out, args, last = sys.argv[1:]
+marker = out + ".first-part"
+class Gated(pafs.FSSpecHandler):    # in the actor: reading `last` waits until the driver has written a part
+    def __init__(self, fs, last, marker):
+        super().__init__(fs)
+        self.last, self.marker = last, marker
+    def open_input_stream(self, path):
+        while path.endswith(self.last) and not os.path.exists(self.marker):
+            time.sleep(0.05)
+        return super().open_input_stream(path)
+batch.filesystem = lambda uri: (pafs.PyFileSystem(Gated(fsspec.filesystem("file"), last, marker)), uri)
+write_part = batch.write_part
+def write_then_open_the_gate(*a):
+    write_part(*a)
+    Path(marker).touch()
+batch.write_part = write_then_open_the_gate
+print(batch.run(card, images, out, Params(**eval(args))))
+"""
+
+
+@pytest.mark.slow
+def test_each_part_is_written_as_soon_as_its_rows_are_scored(card, ray_local, tmp_path):
+    """Parts reach the disk while the job runs, not all at its end: what a crash loses is at most a part. The
+    job's last file cannot be read until a part is on disk; the other lane's block of 32 rows fills a part of 20
+    (Ray Data bundles blocks into batches of ROWS: two blocks of fewer rows would be one call). With Ray Data's
+    default prefetch a batch of rows is held back until the next one is ready too: a 2,000-image job wrote both
+    of its 1,000-row parts at its very end, and this job never finishes."""
+    images, out = probes(tmp_path / "images", 2 * batch.ROWS), tmp_path / "out"
+    args = dict(batch_size=2, batch_part_rows=20, top_k=2)
+    assert batch.cpu_actors([2], Params(**args)) == (1, 2)     # two blocks of ROWS rows, scored at once
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    last = sorted(str(f.relative_to(images)) for f in images.rglob("*.img"))[-1]
+    try:
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(GATED), str(card), str(images), str(out),
+                            repr(args), last], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("no part was written before the job's last file was read: parts are held to the job's end")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == str({"skipped": 0, "predicted": 2 * batch.ROWS, "errors": 0})
+    assert len(list((out / parts.PREDICTIONS).glob("part-*.parquet"))) == 4        # 20 + 20 + 20 + 4
+
+
 def test_the_card_is_checked_and_another_models_results_are_not_mixed_in(card, tmp_path):
     images = probes(tmp_path / "images", 2)
     forged = tmp_path / "card.json"
