@@ -104,12 +104,13 @@ class Scorer:
         with tempfile.TemporaryDirectory(prefix="batch-model-") as d:   # this worker's copy, checked again
             Path(d, "model.onnx").write_bytes(ray.get(model_ref))     # the bytes travel: no shared disk needed
             write_card(f"{d}/card.json", {**card, "model": f"{d}/model.onnx"})  # keeps the card's SHA-256
-            self.model = Model(f"{d}/card.json", threads, lanes)
+            self.call_size = call_size or call_size_here(card, threads, gpu)
+            self.model = Model(f"{d}/card.json", threads, lanes, dynamic=self.call_size > 1)
             runners = [cuda_runner(f"{d}/model.onnx") or self.model.infer] if gpu else self.model.runners
         self.free = queue.SimpleQueue()             # the runners no call holds now
         for runner in runners:
             self.free.put(runner)
-        self.k, self.call_size = k, call_size or call_size_here(card, threads, gpu)
+        self.k = k
         self.read = read
 
     def __call__(self, batch):
@@ -224,7 +225,9 @@ def score(todo, fs, root, model, p):
 
 def run(card, images, out, p):
     """Score every file under `images` (a folder or URI) not yet in `out`; returns counts of this run's work."""
-    model = Model(card, p.batch_threads)        # the card's SHA-256 is checked here, before anything is scored
+    # the card's SHA-256 is checked here, before anything is scored; the driver runs no model: one session (its
+    # metadata, and a clear error for a file ONNX Runtime cannot load)
+    model = Model(card, p.batch_threads, dynamic=False)
     sha = model.card["sha256"]
     fs, root = filesystem(images)
     files, odd = list_files(fs, root)

@@ -39,15 +39,19 @@ def metadata(sess):
 
 
 class Runner:
-    """Runs an ONNX model on any batch: a batch-1 session for single images, the dynamic one otherwise."""
+    """Runs an ONNX model on any batch: a batch-1 session for single images, the dynamic one otherwise.
+    `dynamic` False: the batch-1 session alone, for a caller whose every call is one image (a session takes 40-100 ms
+    to make here)."""
 
-    def __init__(self, path, threads=0, spinning=True):
-        self.sess = session(path, threads, spinning)
+    def __init__(self, path, threads=0, spinning=True, dynamic=True):
         self.single = session(path, threads, spinning, batch=1)
-        self.input = self.sess.get_inputs()[0].name     # INPUT for this project's files; any name for others
+        self.sess = session(path, threads, spinning) if dynamic else None
+        self.input = self.single.get_inputs()[0].name     # INPUT for this project's files; any name for others
 
     def run(self, x):
         """(n, 3, H, W) float32 -> the file's outputs, a list of arrays of n rows: logits first."""
+        if len(x) != 1 and self.sess is None:
+            raise ValueError(f"a batch of {len(x)} on a runner made for single images")
         return (self.single if len(x) == 1 else self.sess).run(None, {self.input: x})
 
     def __call__(self, x):

@@ -156,7 +156,7 @@ def test_each_part_is_written_as_soon_as_its_rows_are_scored(card, ray_local, tm
     default prefetch a batch of rows is held back until the next one is ready too: a 2,000-image job wrote both
     of its 1,000-row parts at its very end, and this job never finishes."""
     images, out = probes(tmp_path / "images", 2 * batch.ROWS), tmp_path / "out"
-    args = dict(batch_size=2, batch_part_rows=20, top_k=2)
+    args = dict(batch_size=1, batch_part_rows=20, top_k=2)     # calls of one image: runners of one session
     assert batch.cpu_actors([2], Params(**args)) == (1, 2)     # two blocks of ROWS rows, scored at once
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     last = sorted(str(f.relative_to(images)) for f in images.rglob("*.img"))[-1]

@@ -29,6 +29,11 @@ def test_export_checks_parity_and_carries_metadata(tmp_path, manifest, checkpoin
     assert whole.shape == (3, 2)
     for i in range(3):
         np.testing.assert_allclose(run(x[i:i + 1]), whole[i:i + 1], atol=1e-5)
+    single = runtime.Runner(path, threads=1, dynamic=False)                # one image a call: one session
+    assert single.sess is None
+    np.testing.assert_allclose(single(x[:1]), whole[:1], atol=1e-5)
+    with pytest.raises(ValueError, match="a batch of 3 on a runner made for single images"):
+        single(x)
 
 
 def test_a_model_outside_tolerance_is_not_written(tmp_path, manifest, checkpoint):
