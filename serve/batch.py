@@ -225,8 +225,8 @@ def score(todo, fs, root, model, p):
 
 def run(card, images, out, p):
     """Score every file under `images` (a folder or URI) not yet in `out`; returns counts of this run's work."""
-    # the card's SHA-256 is checked here, before anything is scored; the driver runs no model: one session (its
-    # metadata, and a clear error for a file ONNX Runtime cannot load)
+    # the card's SHA-256 is checked here, before anything is scored; the driver scores nothing: its one session
+    # gives the metadata, and a clear error for a file ONNX Runtime cannot load
     model = Model(card, p.batch_threads, dynamic=False)
     sha = model.card["sha256"]
     fs, root = filesystem(images)
